@@ -1,0 +1,4 @@
+# cython: language_level=3
+# The kernels compiled for the baseline instruction set of the target (SSE2 on
+# x86-64): imported on every CPU, used where AVX2/FMA are missing.
+include "rules.pxi"

@@ -1,0 +1,501 @@
+"""The rule registry: one row per update rule, read by every other layer.
+
+A row says everything the rest of fastopt needs to know about a rule:
+
+* its hyperparameters (torch.optim's names, defaults and validation messages),
+* its state buffers (torch's key names, when each exists, what it starts at) and
+  its scalar state (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``),
+* ``plan``: the per-step scalars, computed once per call in float64, that the
+  kernel of every backend takes after the buffers,
+* the bytes per element it moves (the benchmark's denominator) and its paper.
+
+Every backend exposes one kernel per ``Rule.kernel`` name with the call
+
+    kernel(param, grad, *buffers, *plan_args, nthreads)
+
+where ``buffers`` follow ``Rule.buffers`` order (``None`` for a buffer the current
+hyperparameters do not use) and ``plan_args`` is the tuple ``plan`` returns.  The
+per-element math behind each kernel is written out in ``../shared/RULES.md``; the
+tests' NumPy reference (``tests/reference.py``) transcribes it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = ["Hyper", "Buffer", "Rule", "RULES", "get_rule"]
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameter checks. One check per line with the bad value in the message,
+# torch's wording first so that code matching torch's messages keeps working,
+# then the argument's name (torch's messages do not always say it).
+# ---------------------------------------------------------------------------
+
+def _real(name: str, value: Any) -> float:
+    # bool is an int subclass; a flag passed as a rate is almost certainly a bug
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    # numpy.bool_ and 0/1 ints are accepted; anything else is a mistake
+    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+def _pair(name: str, value: Any) -> tuple[float, float]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise TypeError(f"{name} must be a pair of real numbers, got {value!r}")
+    return (_real(f"{name}[0]", value[0]), _real(f"{name}[1]", value[1]))
+
+
+def _fail(message: str, name: str) -> None:
+    raise ValueError(f"{message} (argument '{name}')")
+
+
+def _lr(name, v, hp):
+    if not 0.0 <= v:
+        _fail(f"Invalid learning rate: {v}", name)
+
+
+def _eps(name, v, hp):
+    if not 0.0 <= v:
+        _fail(f"Invalid epsilon value: {v}", name)
+
+
+def _weight_decay(name, v, hp):
+    if not 0.0 <= v:
+        _fail(f"Invalid weight_decay value: {v}", name)
+
+
+def _momentum(name, v, hp):
+    if not 0.0 <= v:
+        _fail(f"Invalid momentum value: {v}", name)
+
+
+def _betas(name, v, hp):
+    for i, b in enumerate(v):
+        if not 0.0 <= b < 1.0:
+            _fail(f"Invalid beta parameter at index {i}: {b}", name)
+
+
+def _nonneg(label):
+    def check(name, v, hp):
+        if not 0.0 <= v:
+            _fail(f"Invalid {label} value: {v}", name)
+    return check
+
+
+def _unit_interval(label):
+    def check(name, v, hp):
+        if not 0.0 <= v <= 1.0:
+            _fail(f"Invalid {label} value: {v}", name)
+    return check
+
+
+def _finite(label):
+    def check(name, v, hp):
+        if not math.isfinite(v):
+            _fail(f"Invalid {label} value: {v}", name)
+    return check
+
+
+def _etas(name, v, hp):
+    if not 0.0 < v[0] < 1.0 < v[1]:
+        _fail(f"Invalid eta values: {v[0]}, {v[1]}", name)
+
+
+def _step_sizes(name, v, hp):
+    if not 0.0 <= v[0] <= v[1]:
+        _fail(f"Invalid step size values: {v[0]}, {v[1]}", name)
+
+
+def _no_check(name, v, hp):
+    pass
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A hyperparameter: ``kind`` is 'real', 'flag' or 'pair'."""
+
+    name: str
+    default: Any
+    kind: str = "real"
+    check: Callable[[str, Any, Mapping[str, Any]], None] = _no_check
+    doc: str = ""
+
+    def coerce(self, value: Any) -> Any:
+        """Type-check and normalise ``value`` (TypeError names the argument)."""
+        if self.kind == "flag":
+            return _flag(self.name, value)
+        if self.kind == "pair":
+            return _pair(self.name, value)
+        return _real(self.name, value)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A state buffer of the parameter's dtype and length.
+
+    ``needed(hp)`` says whether the current hyperparameters use it; ``fill(hp)``
+    is its starting value.
+    """
+
+    name: str
+    needed: Callable[[Mapping[str, Any]], bool] = lambda hp: True
+    fill: Callable[[Mapping[str, Any]], float] = lambda hp: 0.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str                       # the class name, as in torch.optim
+    kernel: str                     # the kernel every backend implements
+    hypers: tuple[Hyper, ...]
+    buffers: tuple[Buffer, ...]
+    plan: Callable[..., tuple]      # plan(hp, t, scalars, fresh) -> (kernel args, new scalars)
+    bytes_per_element: Callable[[Mapping[str, Any], int], int]
+    paper: str
+    update: str                     # the update in one line, for docs
+    scalars: tuple[tuple[str, Callable[[Mapping[str, Any]], float]], ...] = ()
+    validate: Callable[[Mapping[str, Any]], None] = lambda hp: None
+    in_torch: bool = True
+    defaults: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "defaults", {h.name: h.default for h in self.hypers})
+
+    def hyper(self, name: str) -> Hyper:
+        for h in self.hypers:
+            if h.name == name:
+                return h
+        raise TypeError(f"{self.name} has no hyperparameter {name!r}; "
+                        f"it has {', '.join(h.name for h in self.hypers)}")
+
+    def check_hypers(self, values: Mapping[str, Any]) -> dict:
+        """Coerce and validate a full set of hyperparameters; returns the clean dict."""
+        hp = {}
+        for h in self.hypers:
+            hp[h.name] = h.coerce(values[h.name])
+        for h in self.hypers:
+            h.check(h.name, hp[h.name], hp)
+        self.validate(hp)
+        return hp
+
+    def initial_scalars(self, hp: Mapping[str, Any]) -> dict:
+        return {name: float(init(hp)) for name, init in self.scalars}
+
+    def needed_buffers(self, hp: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(b.name for b in self.buffers if b.needed(hp))
+
+
+# ---------------------------------------------------------------------------
+# Shared pieces of the rows
+# ---------------------------------------------------------------------------
+
+def _weight_decay_split(hp, decoupled: bool):
+    """(L2 coefficient, decoupled decay factor) as the kernels take them.
+
+    L2 adds λθ to the gradient; decoupled multiplies θ by (1 − γλ) first. The kernel
+    skips the multiply when the factor is exactly 1 and the add when λ is 0.
+    """
+    wd = hp["weight_decay"]
+    if decoupled:
+        return 0.0, (1.0 - hp["lr"] * wd) if wd != 0.0 else 1.0
+    return wd, 1.0
+
+
+def _bytes(n_read_write: int, n_read_only: int = 1):
+    """bytes/element for `n_read_write` buffers read and written plus read-only ones."""
+    return lambda hp, itemsize: itemsize * (2 * n_read_write + n_read_only)
+
+
+LR = lambda default: Hyper("lr", default, check=_lr, doc="learning rate γ")
+EPS = lambda default: Hyper("eps", default, check=_eps, doc="ε, for numerical stability")
+WD = lambda default=0.0: Hyper("weight_decay", default, check=_weight_decay, doc="weight decay λ")
+BETAS = lambda default: Hyper("betas", default, kind="pair", check=_betas, doc="(β1, β2)")
+MAXIMIZE = Hyper("maximize", False, kind="flag", doc="ascend instead of descend")
+
+
+def _decoupled(default: bool) -> Hyper:
+    return Hyper("decoupled_weight_decay", default, kind="flag",
+                 doc="θ ← θ(1 − γλ) instead of adding λθ to the gradient")
+
+
+# ---------------------------------------------------------------------------
+# Per-step scalars, one function per kernel. Everything here is float64 Python
+# arithmetic done once per call; the kernels only see the results.
+# ---------------------------------------------------------------------------
+
+def _plan_sgd(hp, t, scalars, fresh, decoupled=False):
+    wd, decay = _weight_decay_split(hp, decoupled or hp.get("decoupled_weight_decay", False))
+    # torch starts the buffer at g (no dampening) the first time it exists
+    first = 1 if (t == 1 or fresh) else 0
+    return (hp["lr"], wd, decay, hp["momentum"], 1.0 - hp["dampening"],
+            int(hp["nesterov"]), first, int(hp["maximize"])), scalars
+
+
+def _sgd_validate(hp):
+    if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening "
+                         f"(argument 'nesterov'; momentum={hp['momentum']}, "
+                         f"dampening={hp['dampening']})")
+
+
+def _plan_adam(hp, t, scalars, fresh):
+    beta1, beta2 = hp["betas"]
+    wd, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    return (hp["lr"] / bc1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(bc2),
+            hp["eps"], wd, decay, int(hp["maximize"])), scalars
+
+
+def _plan_adagrad(hp, t, scalars, fresh):
+    clr = hp["lr"] / (1.0 + (t - 1) * hp["lr_decay"])
+    return (clr, hp["eps"], hp["weight_decay"], int(hp["maximize"])), scalars
+
+
+def _plan_rmsprop(hp, t, scalars, fresh):
+    alpha = hp["alpha"]
+    return (hp["lr"], alpha, 1.0 - alpha, hp["eps"], hp["weight_decay"],
+            hp["momentum"], int(hp["maximize"])), scalars
+
+
+def _plan_adadelta(hp, t, scalars, fresh):
+    rho = hp["rho"]
+    return (hp["lr"], rho, 1.0 - rho, hp["eps"], hp["weight_decay"],
+            int(hp["maximize"])), scalars
+
+
+def _plan_adamax(hp, t, scalars, fresh):
+    beta1, beta2 = hp["betas"]
+    clr = hp["lr"] / (1.0 - beta1 ** t)
+    return (clr, 1.0 - beta1, beta2, hp["eps"], hp["weight_decay"],
+            int(hp["maximize"])), scalars
+
+
+def _nadam_mu(beta1, psi, t):
+    return beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+
+
+def _plan_nadam(hp, t, scalars, fresh):
+    beta1, beta2 = hp["betas"]
+    lr, psi = hp["lr"], hp["momentum_decay"]
+    wd, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
+    mu = _nadam_mu(beta1, psi, t)
+    mu_next = _nadam_mu(beta1, psi, t + 1)
+    mu_product = scalars["mu_product"] * mu
+    grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
+    avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
+    bc2 = 1.0 - beta2 ** t
+    return (grad_coef, avg_coef, 1.0 - beta1, beta2, 1.0 - beta2, bc2, hp["eps"],
+            wd, decay, int(hp["maximize"])), {"mu_product": mu_product}
+
+
+def _plan_radam(hp, t, scalars, fresh):
+    beta1, beta2 = hp["betas"]
+    wd, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
+    bc1 = 1.0 - beta1 ** t
+    bc2 = 1.0 - beta2 ** t
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * t * (beta2 ** t) / bc2
+    if rho_t > 5.0:
+        rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
+                         / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        rectified = 1
+    else:
+        rect, rectified = 0.0, 0
+    return (hp["lr"], bc1, math.sqrt(bc2), rect, rectified, 1.0 - beta1, beta2,
+            1.0 - beta2, hp["eps"], wd, decay, int(hp["maximize"])), scalars
+
+
+def _plan_asgd(hp, t, scalars, fresh):
+    eta, mu = scalars["eta"], scalars["mu"]
+    lr, lambd = hp["lr"], hp["lambd"]
+    args = (eta, 1.0 - lambd * eta, mu, hp["weight_decay"], int(hp["maximize"]))
+    new = {"eta": lr / (1.0 + lambd * lr * t) ** hp["alpha"],
+           "mu": 1.0 / max(1.0, t - hp["t0"])}
+    return args, new
+
+
+def _plan_rprop(hp, t, scalars, fresh):
+    etaminus, etaplus = hp["etas"]
+    step_min, step_max = hp["step_sizes"]
+    return (etaminus, etaplus, step_min, step_max, int(hp["maximize"])), scalars
+
+
+def _plan_lion(hp, t, scalars, fresh):
+    beta1, beta2 = hp["betas"]
+    _, decay = _weight_decay_split(hp, True)
+    return (hp["lr"], beta1, 1.0 - beta1, beta2, 1.0 - beta2, decay,
+            int(hp["maximize"])), scalars
+
+
+# ---------------------------------------------------------------------------
+# The rows
+# ---------------------------------------------------------------------------
+
+def _sgd_hypers(decoupled_default: bool | None):
+    hs = [LR(1e-3), Hyper("momentum", 0.0, check=_momentum, doc="momentum μ"),
+          Hyper("dampening", 0.0, check=_finite("dampening"), doc="dampening τ"),
+          WD(), Hyper("nesterov", False, kind="flag", doc="Nesterov momentum"), MAXIMIZE]
+    return tuple(hs)
+
+
+_has_momentum = lambda hp: hp["momentum"] != 0.0
+
+_SGD_BYTES = lambda hp, isz: isz * (5 if hp["momentum"] != 0.0 else 3)
+
+_ADAM_HYPERS = lambda lr, wd, decoupled: (
+    LR(lr), BETAS((0.9, 0.999)), EPS(1e-8), WD(wd),
+    Hyper("amsgrad", False, kind="flag", doc="AMSGrad: use the running maximum of v"),
+    MAXIMIZE, _decoupled(decoupled))
+
+_ADAM_BUFFERS = (Buffer("exp_avg"), Buffer("exp_avg_sq"),
+                 Buffer("max_exp_avg_sq", needed=lambda hp: hp["amsgrad"]))
+
+_ADAM_BYTES = lambda hp, isz: isz * (9 if hp["amsgrad"] else 7)
+
+_ADAM_UPDATE = ("m ← lerp(m, g, 1−β1); v ← β2v + (1−β2)g²; "
+                "θ ← θ − (γ/bc1)·m/(√v/√bc2 + ε)")
+
+
+RULES: dict[str, Rule] = {}
+
+
+def _add(rule: Rule) -> None:
+    RULES[rule.name] = rule
+
+
+_add(Rule(
+    "SGD", "sgd", _sgd_hypers(None),
+    (Buffer("momentum_buffer", needed=_has_momentum),),
+    _plan_sgd, _SGD_BYTES,
+    paper="Robbins & Monro 1951; momentum: Polyak 1964; Nesterov: Sutskever et al. 2013",
+    update="b ← μb + (1−τ)g; g ← g + μb (nesterov) or b; θ ← θ − γg",
+    validate=_sgd_validate))
+
+_add(Rule(
+    "SGDW", "sgd", _sgd_hypers(True),
+    (Buffer("momentum_buffer", needed=_has_momentum),),
+    lambda hp, t, s, f: _plan_sgd(hp, t, s, f, decoupled=True), _SGD_BYTES,
+    paper="Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization",
+    update="θ ← θ(1 − γλ); then SGD with momentum",
+    validate=_sgd_validate, in_torch=False))
+
+_add(Rule(
+    "Adam", "adam", _ADAM_HYPERS(1e-3, 0.0, False), _ADAM_BUFFERS, _plan_adam, _ADAM_BYTES,
+    paper="Kingma & Ba 2015, Adam; AMSGrad: Reddi et al. 2018",
+    update=_ADAM_UPDATE))
+
+_add(Rule(
+    "AdamW", "adam", _ADAM_HYPERS(1e-3, 1e-2, True), _ADAM_BUFFERS, _plan_adam, _ADAM_BYTES,
+    paper="Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization",
+    update="θ ← θ(1 − γλ); then Adam"))
+
+_add(Rule(
+    "Adagrad", "adagrad",
+    (LR(1e-2), Hyper("lr_decay", 0.0, check=_nonneg("lr_decay"), doc="learning-rate decay"),
+     WD(), Hyper("initial_accumulator_value", 0.0,
+                 check=_nonneg("initial_accumulator_value"), doc="starting value of sum"),
+     EPS(1e-10), MAXIMIZE),
+    (Buffer("sum", fill=lambda hp: hp["initial_accumulator_value"]),),
+    _plan_adagrad, _bytes(2),
+    paper="Duchi, Hazan & Singer 2011, Adaptive Subgradient Methods",
+    update="s ← s + g²; θ ← θ − γ/(1 + (t−1)·lr_decay) · g/(√s + ε)"))
+
+_add(Rule(
+    "RMSprop", "rmsprop",
+    (LR(1e-2), Hyper("alpha", 0.99, check=_nonneg("alpha"), doc="smoothing constant α"),
+     EPS(1e-8), WD(), Hyper("momentum", 0.0, check=_momentum, doc="momentum μ"),
+     Hyper("centered", False, kind="flag", doc="normalise by the variance estimate"),
+     MAXIMIZE),
+    (Buffer("square_avg"), Buffer("momentum_buffer", needed=lambda hp: hp["momentum"] > 0),
+     Buffer("grad_avg", needed=lambda hp: hp["centered"])),
+    _plan_rmsprop,
+    lambda hp, isz: isz * (5 + 2 * (hp["momentum"] > 0) + 2 * hp["centered"]),
+    paper="Hinton, Lecture 6e of Neural Networks for Machine Learning, 2012",
+    update="v ← αv + (1−α)g²; θ ← θ − γ·g/(√v + ε)"))
+
+_add(Rule(
+    "Adadelta", "adadelta",
+    (LR(1.0), Hyper("rho", 0.9, check=_unit_interval("rho"), doc="decay ρ"),
+     EPS(1e-6), WD(), MAXIMIZE),
+    (Buffer("square_avg"), Buffer("acc_delta")),
+    _plan_adadelta, _bytes(3),
+    paper="Zeiler 2012, ADADELTA: An Adaptive Learning Rate Method",
+    update="v ← ρv + (1−ρ)g²; Δ = √(u+ε)/√(v+ε)·g; u ← ρu + (1−ρ)Δ²; θ ← θ − γΔ"))
+
+_add(Rule(
+    "Adamax", "adamax",
+    (LR(2e-3), BETAS((0.9, 0.999)), EPS(1e-8), WD(), MAXIMIZE),
+    (Buffer("exp_avg"), Buffer("exp_inf")),
+    _plan_adamax, _bytes(3),
+    paper="Kingma & Ba 2015, Adam, section 7",
+    update="m ← lerp(m, g, 1−β1); u ← max(β2u, |g| + ε); θ ← θ − (γ/bc1)·m/u"))
+
+_add(Rule(
+    "NAdam", "nadam",
+    (LR(2e-3), BETAS((0.9, 0.999)), EPS(1e-8), WD(),
+     Hyper("momentum_decay", 4e-3, check=_nonneg("momentum_decay"), doc="ψ"),
+     _decoupled(False), MAXIMIZE),
+    (Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    _plan_nadam, _bytes(3),
+    paper="Dozat 2016, Incorporating Nesterov Momentum into Adam",
+    update="μ_t = β1(1 − ½·0.96^(tψ)); θ ← θ − γ(1−μ_t)/(1−Π)·g/d − γμ_{t+1}/(1−Πμ_{t+1})·m/d",
+    scalars=(("mu_product", lambda hp: 1.0),)))
+
+_add(Rule(
+    "RAdam", "radam",
+    (LR(1e-3), BETAS((0.9, 0.999)), EPS(1e-8), WD(), _decoupled(False), MAXIMIZE),
+    (Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    _plan_radam, _bytes(3),
+    paper="Liu et al. 2020, On the Variance of the Adaptive Learning Rate and Beyond",
+    update="θ ← θ − γ·(m/bc1)·r·√bc2/(√v + ε) when ρ_t > 5, else θ − γ·m/bc1"))
+
+_add(Rule(
+    "ASGD", "asgd",
+    (LR(1e-2), Hyper("lambd", 1e-4, check=_nonneg("lambd"), doc="decay term λ"),
+     Hyper("alpha", 0.75, check=_nonneg("alpha"), doc="power for η update"),
+     Hyper("t0", 1e6, check=_finite("t0"), doc="point at which to start averaging"),
+     WD(), MAXIMIZE),
+    (Buffer("ax"),),
+    _plan_asgd, _bytes(2),
+    paper="Polyak & Juditsky 1992, Acceleration of Stochastic Approximation by Averaging",
+    update="θ ← θ(1 − λη) − ηg; ax ← ax + μ(θ − ax)",
+    scalars=(("eta", lambda hp: hp["lr"]), ("mu", lambda hp: 1.0))))
+
+_add(Rule(
+    "Rprop", "rprop",
+    (LR(1e-2), Hyper("etas", (0.5, 1.2), kind="pair", check=_etas, doc="(η−, η+)"),
+     Hyper("step_sizes", (1e-6, 50.0), kind="pair", check=_step_sizes,
+           doc="(minimal, maximal) step size"),
+     MAXIMIZE),
+    (Buffer("prev"), Buffer("step_size", fill=lambda hp: hp["lr"])),
+    _plan_rprop, _bytes(3),
+    paper="Riedmiller & Braun 1993, RPROP",
+    update="s = sign(g·prev); step ← clamp(step·η±); θ ← θ − sign(g)·step; prev ← g"))
+
+_add(Rule(
+    "Lion", "lion",
+    (LR(1e-4), BETAS((0.9, 0.99)), WD(), MAXIMIZE),
+    (Buffer("exp_avg"),),
+    _plan_lion, _bytes(2),
+    paper="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms",
+    update="θ ← θ(1 − γλ); θ ← θ − γ·sign(β1m + (1−β1)g); m ← β2m + (1−β2)g",
+    in_torch=False))
+
+
+def get_rule(name: str) -> Rule:
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ValueError(f"unknown rule {name!r}; fastopt has {', '.join(RULES)}") from None
