@@ -1,0 +1,32 @@
+"""fastopt: fused, single-pass optimizer update rules over flat float32/float64 buffers.
+
+    import fastopt
+    opt = fastopt.Adam(param, lr=1e-3)   # param: 1-D float32/float64 array
+    opt.step(grad)                       # one fused kernel call, in place
+
+Layers, top to bottom: ``fastopt.rules`` (the registry: math, names, defaults,
+checks) → ``fastopt.optimizers`` / ``fastopt.functional`` (the API) →
+``fastopt.backends`` (compiled, Numba CPU, Numba CUDA) → ``fastopt.kernels``.
+"""
+
+from fastopt import backends as _backends
+from fastopt import functional
+from fastopt.checkpoint import load, save
+from fastopt.flat import FlatParams
+from fastopt.optimizers import OPTIMIZERS, Optimizer
+from fastopt.optimizers import *  # noqa: F401,F403  (Adam, SGD, ... from the registry)
+from fastopt.rules import RULES
+
+__version__ = "0.1.0"
+
+set_num_threads = _backends.set_num_threads
+get_num_threads = _backends.num_threads
+
+
+def backend() -> str:
+    """The backend a default call on a host array uses: 'cython' or 'numba'."""
+    return _backends.DEFAULT.NAME
+
+
+__all__ = ["Optimizer", "FlatParams", "functional", "save", "load", "RULES",
+           "set_num_threads", "get_num_threads", "backend", *OPTIMIZERS]

@@ -1,0 +1,94 @@
+"""Argument checks with messages that name the argument and its value.
+
+The hot path does not call these: the kernels check lengths and overlap in C and
+the typed-buffer acquisition checks dtype, layout and writability. Only when a
+kernel refuses its arguments does the Python layer come here, to find the first
+problem and say it in words (nothing has been written at that point).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, np.ndarray):
+        return f"array(shape={obj.shape}, dtype={obj.dtype})"
+    text = repr(obj)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def coerce(name: str, obj, backend):
+    """``obj`` as the backend's array type without a copy; TypeError naming ``name``."""
+    if obj is None:
+        raise TypeError(f"{name} must be a 1-D float32 or float64 array, got None")
+    try:
+        return backend.as_array(obj)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be a 1-D float32 or float64 array (NumPy array, "
+                        f"buffer, or CPU tensor), got {_describe(obj)}: {exc}") from None
+
+
+def check_array(name: str, arr, *, writable: bool = True):
+    """dtype, dimensionality, layout and writability of one array."""
+    dtype = np.dtype(arr.dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
+    shape = tuple(arr.shape)
+    if len(shape) != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {shape} "
+                         "(flatten a contiguous array with .reshape(-1), or use FlatParams)")
+    if isinstance(arr, np.ndarray):
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous, got strides {arr.strides}")
+        if writable and not arr.flags.writeable:
+            raise ValueError(f"{name} is read-only (writeable=False); fastopt updates it "
+                             "in place")
+    else:
+        strides = getattr(arr, "strides", None)
+        if strides not in (None, (dtype.itemsize,)) and shape[0] > 1:
+            raise ValueError(f"{name} must be C-contiguous, got strides {strides}")
+
+
+def _byte_range(arr):
+    if isinstance(arr, np.ndarray):
+        lo, hi = np.byte_bounds(arr) if hasattr(np, "byte_bounds") else np.lib.array_utils.byte_bounds(arr)
+        return lo, hi
+    ptr = arr.__cuda_array_interface__["data"][0]
+    return ptr, ptr + arr.shape[0] * np.dtype(arr.dtype).itemsize
+
+
+def check_buffers(names, arrays):
+    """Check ``arrays`` (param first, then grad and state; ``None`` = absent) as one
+    set: each array alone, then dtype and length against param, then overlap."""
+    param = arrays[0]
+    for k, (name, arr) in enumerate(zip(names, arrays)):
+        if arr is None:
+            continue
+        check_array(name, arr, writable=(name != "grad"))
+        if k == 0:
+            continue
+        if np.dtype(arr.dtype) != np.dtype(param.dtype):
+            raise TypeError(f"{name} has dtype {np.dtype(arr.dtype)}, param has dtype "
+                            f"{np.dtype(param.dtype)}; they must match")
+        if arr.shape[0] != param.shape[0]:
+            raise ValueError(f"{name} has length {arr.shape[0]}, param has length "
+                             f"{param.shape[0]}")
+    present = [(n, a) for n, a in zip(names, arrays) if a is not None and a.shape[0] > 0]
+    for i, (na, a) in enumerate(present):
+        alo, ahi = _byte_range(a)
+        for nb, b in present[i + 1:]:
+            blo, bhi = _byte_range(b)
+            if alo < bhi and blo < ahi:
+                raise ValueError(f"{nb} shares memory with {na}; every buffer must be "
+                                 "distinct (pass a copy)")
+
+
+def check_step(step) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int (the 1-based step count t), got {step!r}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (t is incremented before use), got {step}")
+    return int(step)

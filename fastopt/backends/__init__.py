@@ -1,0 +1,108 @@
+"""Backends: where a step runs. Decided once, at import.
+
+A backend is a module with:
+
+* ``NAME``: "cython", "numba" or "cuda";
+* one kernel per ``Rule.kernel`` name (``sgd``, ``adam``, ``adagrad``, ``rmsprop``,
+  ``adadelta``, ``adamax``, ``nadam``, ``radam``, ``asgd``, ``rprop``, ``lion``), called
+  ``kernel(param, grad, *buffers, *plan_args, nthreads)`` exactly as
+  ``fastopt/kernels/rules.pxi`` defines them (``None`` for an absent buffer). A kernel
+  checks lengths and overlap before it writes anything and raises ``ValueError``/
+  ``TypeError`` on a bad buffer;
+* ``max_threads()``: the default thread count;
+* ``as_array(obj)``: ``obj`` as the backend's 1-D array type, without a copy, or
+  ``TypeError``; ``full(n, dtype, value, like)``: a new state buffer beside ``like``;
+  ``to_host(buf)``: a NumPy copy; ``copy_from_host(dst, host)``: fill ``dst``.
+
+Selection: ``FASTOPT_BACKEND=cython|numba`` forces a CPU backend (an error if it is
+unavailable); otherwise the compiled one when it imports, else Numba. Arrays that
+expose ``__cuda_array_interface__`` always go to the CUDA backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+_CPU_NAMES = ("cython", "numba")
+_MODULES = {"cython": "fastopt.backends.compiled", "numba": "fastopt.backends.numba_cpu",
+            "cuda": "fastopt.backends.numba_cuda"}
+_loaded: dict = {}
+_errors: dict = {}
+
+
+def load(name: str):
+    """The backend module ``name``; ImportError saying why when it cannot load."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_MODULES)}")
+    if name in _loaded:
+        return _loaded[name]
+    if name in _errors:
+        raise ImportError(f"fastopt backend {name!r} is unavailable: {_errors[name]}")
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except Exception as exc:  # a broken build raises more than ImportError
+        _errors[name] = f"{type(exc).__name__}: {exc}"
+        raise ImportError(f"fastopt backend {name!r} is unavailable: {_errors[name]}") from exc
+    _loaded[name] = mod
+    return mod
+
+
+def available(name: str) -> bool:
+    try:
+        load(name)
+        return True
+    except ImportError:
+        return False
+
+
+def _select_default():
+    forced = os.environ.get("FASTOPT_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in _CPU_NAMES:
+            raise ImportError(f"FASTOPT_BACKEND={forced!r}: choose 'cython' or 'numba'")
+        return load(forced)
+    for name in _CPU_NAMES:
+        try:
+            return load(name)
+        except ImportError:
+            continue
+    raise ImportError(
+        "fastopt has no usable backend: the compiled kernels did not import "
+        f"({_errors.get('cython')}) and Numba is unavailable ({_errors.get('numba')}). "
+        "Reinstall with a C compiler (pip install --force-reinstall .) or pip install numba.")
+
+
+DEFAULT = _select_default()
+
+
+def for_array(obj, name: str | None = None):
+    """The backend that updates ``obj``: CUDA for device arrays, else ``name`` or
+    the default."""
+    if hasattr(obj, "__cuda_array_interface__") and not hasattr(obj, "__array_interface__"):
+        if name not in (None, "cuda"):
+            raise ValueError(f"backend={name!r} cannot update a CUDA array; use backend='cuda'")
+        return load("cuda")
+    if name is None:
+        return DEFAULT
+    if name == "cuda":
+        raise ValueError("backend='cuda' needs arrays that expose __cuda_array_interface__")
+    return load(name)
+
+
+# One thread count for every CPU backend, read by each call (kernels take it as
+# their last argument, so a change applies from the next step on).
+_num_threads = [max(1, int(DEFAULT.max_threads()))]
+
+
+def num_threads() -> int:
+    return _num_threads[0]
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the CPU kernels may use (large buffers only: small ones run on one)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {n!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    _num_threads[0] = n

@@ -1,0 +1,80 @@
+"""Checkpoints: a state dict in one ``.npz`` file, without pickle, written atomically.
+
+The file holds the state arrays under ``state/<name>`` and everything else as UTF-8
+JSON in ``meta``. ``save`` writes a temporary file in the same folder, flushes it to
+disk and renames it over the target, so a crash mid-save leaves the previous file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+_META = "meta"
+_STATE = "state/"
+_KEYS = ("format", "rule", "dtype", "size", "step", "hyperparameters", "scalars")
+
+
+def save(state_dict: dict, path) -> None:
+    """Write ``state_dict`` (from ``Optimizer.state_dict()``) to ``path``."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    missing = [k for k in _KEYS + ("state",) if k not in state_dict]
+    if missing:
+        raise ValueError(f"state_dict is missing {missing}")
+    meta = {k: state_dict[k] for k in _KEYS}
+    meta["hyperparameters"] = {k: list(v) if isinstance(v, tuple) else v
+                               for k, v in meta["hyperparameters"].items()}
+    meta["state"] = sorted(state_dict["state"])
+    arrays = {_STATE + name: np.ascontiguousarray(arr)
+              for name, arr in state_dict["state"].items()}
+    arrays[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fastopt-", suffix=".npz.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load(path) -> dict:
+    """Read a checkpoint written by ``save``; ValueError if it is not one."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = set(npz.files)
+            if _META not in names:
+                raise ValueError("no 'meta' entry")
+            meta = json.loads(npz[_META].tobytes().decode("utf-8"))
+            if not isinstance(meta, dict) or any(k not in meta for k in _KEYS + ("state",)):
+                raise ValueError("'meta' lacks required keys")
+            state = {}
+            for name in meta["state"]:
+                key = _STATE + name
+                if key not in names:
+                    raise ValueError(f"state array {name!r} is missing")
+                state[name] = np.array(npz[key])  # reads and CRC-checks the entry
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile,
+            UnicodeDecodeError, TypeError) as exc:
+        raise ValueError(f"path {path!r} is not a valid fastopt checkpoint "
+                         f"({type(exc).__name__}: {exc})") from None
+    sd = {k: meta[k] for k in _KEYS}
+    sd["hyperparameters"] = {k: tuple(v) if isinstance(v, list) else v
+                             for k, v in meta["hyperparameters"].items()}
+    sd["state"] = state
+    return sd

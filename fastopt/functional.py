@@ -1,0 +1,115 @@
+"""Functional API: one call per rule, for users who own their state buffers.
+
+    fastopt.functional.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None,
+                            *, step, lr=1e-3, betas=(0.9, 0.999), ...)
+
+updates ``param`` and the state buffers in place for step ``step`` (1-based) and
+returns the rule's new scalar state as a dict (``{"mu_product": ...}`` for NAdam,
+``{"eta": ..., "mu": ...}`` for ASGD, ``{}`` otherwise). Scalar state is passed back
+in by keyword on the next call; on the first step it may be left out.
+
+Every call validates all of its arguments; the optimizer classes validate once
+and then go straight to the kernel (``run_kernel``), which is the same kernel call.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from fastopt import backends
+from fastopt._checks import check_buffers, check_step, coerce
+from fastopt.rules import RULES, Rule
+
+__all__ = [rule.name.lower() for rule in RULES.values()]
+
+
+def run_kernel(kernel, rule: Rule, param, grad, buffers, args, backend):
+    """The kernel call shared by the functional API and the classes.
+
+    On a refusal, explain it: find the argument at fault and raise a message that
+    names it. Objects that are not yet arrays (a CPU tensor, a buffer) are
+    converted without a copy and the call is retried once. Returns the grad
+    array actually used.
+    """
+    nthreads = backends.num_threads()
+    try:
+        kernel(param, grad, *buffers, *args, nthreads)
+        return grad
+    except (TypeError, ValueError, BufferError):
+        names = ("param", "grad") + tuple(b.name for b in rule.buffers)
+        grad = coerce("grad", grad, backend)
+        check_buffers(names, (param, grad) + tuple(buffers))
+    # the arguments are fine once converted: a second refusal is a real error
+    kernel(param, grad, *buffers, *args, nthreads)
+    return grad
+
+
+def _make(rule: Rule):
+    buffer_params = []
+    for b in rule.buffers:
+        default = inspect.Parameter.empty if b.needed(rule.defaults) else None
+        buffer_params.append(inspect.Parameter(
+            b.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+    params = ([inspect.Parameter("param", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+               inspect.Parameter("grad", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+              + buffer_params
+              + [inspect.Parameter("step", inspect.Parameter.KEYWORD_ONLY)]
+              + [inspect.Parameter(h.name, inspect.Parameter.KEYWORD_ONLY, default=h.default)
+                 for h in rule.hypers]
+              + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+                 for name, _ in rule.scalars]
+              + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None)])
+    signature = inspect.Signature(params)
+    hyper_names = [h.name for h in rule.hypers]
+
+    def step_fn(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{rule.name.lower()}(): {exc}") from None
+        bound.apply_defaults()
+        a = bound.arguments
+        hp = rule.check_hypers({name: a[name] for name in hyper_names})
+        t = check_step(a["step"])
+        backend = backends.for_array(a["param"], a["backend"])
+        param = coerce("param", a["param"], backend)
+        grad = coerce("grad", a["grad"], backend)
+        buffers = []
+        for b in rule.buffers:
+            if not b.needed(hp):
+                buffers.append(None)
+                continue
+            if a[b.name] is None:
+                raise TypeError(f"{rule.name.lower()}(): {b.name} is required with these "
+                                f"hyperparameters, got None")
+            buffers.append(coerce(b.name, a[b.name], backend))
+        scalars = {}
+        for name, init in rule.scalars:
+            value = a[name]
+            if value is None:
+                if t != 1:
+                    raise TypeError(f"{rule.name.lower()}(): {name} is required after the "
+                                    f"first step (pass the value the previous call returned)")
+                value = init(hp)
+            scalars[name] = float(value)
+        check_buffers(("param", "grad") + tuple(b.name for b in rule.buffers),
+                      [param, grad] + buffers)
+        plan_args, new_scalars = rule.plan(hp, t, scalars, False)
+        run_kernel(getattr(backend, rule.kernel), rule, param, grad, buffers, plan_args,
+                   backend)
+        return dict(new_scalars) if rule.scalars else {}
+
+    step_fn.__name__ = step_fn.__qualname__ = rule.name.lower()
+    step_fn.__signature__ = signature
+    step_fn.__doc__ = (f"One {rule.name} step, in place.\n\n    {rule.update}\n\n"
+                       f"Buffers: {', '.join(b.name for b in rule.buffers)}. "
+                       f"Returns the new scalar state "
+                       f"({', '.join(n for n, _ in rule.scalars) or 'none'}) as a dict.\n\n"
+                       f"Reference: {rule.paper}.")
+    step_fn.__module__ = __name__
+    return step_fn
+
+
+for _rule in RULES.values():
+    globals()[_rule.name.lower()] = _make(_rule)
+del _rule
