@@ -2,3 +2,4 @@
 # The same kernels compiled with -mavx2 -mfma: imported only after
 # cpu_has_avx2_fma() of the baseline module said this CPU runs them.
 include "rules.pxi"
+include "roof.pxi"

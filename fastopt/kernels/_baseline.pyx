@@ -2,3 +2,4 @@
 # The kernels compiled for the baseline instruction set of the target (SSE2 on
 # x86-64): imported on every CPU, used where AVX2/FMA are missing.
 include "rules.pxi"
+include "roof.pxi"
