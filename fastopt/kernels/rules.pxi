@@ -68,9 +68,10 @@ cdef inline floating _max(floating a, floating b) noexcept nogil:
 
 
 cdef inline floating _sign(floating x) noexcept nogil:
-    # torch.sign: 1, -1, and x itself for ±0 and NaN
-    cdef floating one = 1
-    return one if x > 0 else (-one if x < 0 else x)
+    # torch.sign: 1, -1, and 0 for ±0 and NaN (so Rprop skips a NaN gradient,
+    # as torch does; Lion follows the same sign)
+    cdef floating one = 1, zero = 0
+    return one if x > 0 else (-one if x < 0 else zero)
 
 
 # --------------------------------------------------------------------------
@@ -306,8 +307,8 @@ cdef void _rprop_chunk(floating* p, const floating* g, floating* prev, floating*
     for i in range(lo, hi):
         gi = -g[i] if maximize else g[i]
         s = gi * prev[i]
-        # NaN in s keeps NaN: none of the comparisons holds
-        factor = etaplus if s > 0 else (etaminus if s < 0 else (one if s == 0 else s))
+        # torch: sign(s) with sign(NaN) = 0, so NaN takes the factor 1
+        factor = etaplus if s > 0 else (etaminus if s < 0 else one)
         st = step[i] * factor
         st = smin if st < smin else (smax if st > smax else st)
         step[i] = st
@@ -395,19 +396,23 @@ cdef inline floating* _ptr(floating[::1] a) noexcept:
     return &a[0] if a is not None and a.shape[0] > 0 else NULL
 
 
-cdef inline Py_ssize_t _len(floating[::1] a) noexcept:
+cdef inline Py_ssize_t _len(const floating[::1] a) noexcept:
     return a.shape[0] if a is not None else -1
 
 
-cdef int _launch(RuleId rule, str name, names, floating[::1] p, floating[::1] g,
+cdef inline const floating* _cptr(const floating[::1] a) noexcept:
+    return &a[0] if a is not None and a.shape[0] > 0 else NULL
+
+
+cdef int _launch(RuleId rule, str name, names, floating[::1] p, const floating[::1] g,
                  floating[::1] s0, floating[::1] s1, floating[::1] s2, double* c,
                  int nthreads) except -1:
     cdef Py_ssize_t n = p.shape[0], k, j, nbytes, m
     cdef Py_ssize_t lens[5]
-    cdef floating* ptrs[5]
+    cdef const floating* ptrs[5]
     lens[0] = n; lens[1] = _len(g); lens[2] = _len(s0); lens[3] = _len(s1)
     lens[4] = _len(s2)
-    ptrs[0] = _ptr(p); ptrs[1] = _ptr(g); ptrs[2] = _ptr(s0); ptrs[3] = _ptr(s1)
+    ptrs[0] = _ptr(p); ptrs[1] = _cptr(g); ptrs[2] = _ptr(s0); ptrs[3] = _ptr(s1)
     ptrs[4] = _ptr(s2)
     if lens[1] < 0:
         raise TypeError(f"{name}: grad must be an array, got None")
@@ -424,7 +429,8 @@ cdef int _launch(RuleId rule, str name, names, floating[::1] p, floating[::1] g,
                 raise ValueError(f"{name}: {names[j]} shares memory with {names[k]}; "
                                  "every buffer must be distinct")
     with nogil:
-        _run(rule, ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], c, n, nthreads)
+        _run(rule, <floating*>ptrs[0], ptrs[1], <floating*>ptrs[2], <floating*>ptrs[3],
+             <floating*>ptrs[4], c, n, nthreads)
     return 0
 
 
@@ -445,7 +451,7 @@ _RPROP = ("param", "grad", "prev", "step_size", "")
 _LION = ("param", "grad", "exp_avg", "", "")
 
 
-def sgd(floating[::1] param, floating[::1] grad, floating[::1] momentum_buffer,
+def sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_buffer,
         double lr, double weight_decay, double decay, double momentum,
         double one_minus_dampening, bint nesterov, bint first, bint maximize,
         int nthreads):
@@ -456,7 +462,7 @@ def sgd(floating[::1] param, floating[::1] grad, floating[::1] momentum_buffer,
     _launch(R_SGD, "SGD", _SGD, param, grad, momentum_buffer, absent, absent, c, nthreads)
 
 
-def adam(floating[::1] param, floating[::1] grad, floating[::1] exp_avg,
+def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
          floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, double step_size,
          double one_minus_beta1, double beta2, double one_minus_beta2,
          double bias_correction2_sqrt, double eps, double weight_decay, double decay,
@@ -468,7 +474,7 @@ def adam(floating[::1] param, floating[::1] grad, floating[::1] exp_avg,
             nthreads)
 
 
-def adagrad(floating[::1] param, floating[::1] grad, floating[::1] sum, double clr,
+def adagrad(floating[::1] param, const floating[::1] grad, floating[::1] sum, double clr,
             double eps, double weight_decay, bint maximize, int nthreads):
     cdef double c[4]
     cdef floating[::1] absent = None  # a buffer this rule does not have
@@ -476,7 +482,7 @@ def adagrad(floating[::1] param, floating[::1] grad, floating[::1] sum, double c
     _launch(R_ADAGRAD, "Adagrad", _ADAGRAD, param, grad, sum, absent, absent, c, nthreads)
 
 
-def rmsprop(floating[::1] param, floating[::1] grad, floating[::1] square_avg,
+def rmsprop(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
             floating[::1] momentum_buffer, floating[::1] grad_avg, double lr,
             double alpha, double one_minus_alpha, double eps, double weight_decay,
             double momentum, bint maximize, int nthreads):
@@ -486,7 +492,7 @@ def rmsprop(floating[::1] param, floating[::1] grad, floating[::1] square_avg,
             grad_avg, c, nthreads)
 
 
-def adadelta(floating[::1] param, floating[::1] grad, floating[::1] square_avg,
+def adadelta(floating[::1] param, const floating[::1] grad, floating[::1] square_avg,
              floating[::1] acc_delta, double lr, double rho, double one_minus_rho,
              double eps, double weight_decay, bint maximize, int nthreads):
     cdef double c[6]
@@ -496,7 +502,7 @@ def adadelta(floating[::1] param, floating[::1] grad, floating[::1] square_avg,
             c, nthreads)
 
 
-def adamax(floating[::1] param, floating[::1] grad, floating[::1] exp_avg,
+def adamax(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
            floating[::1] exp_inf, double clr, double one_minus_beta1, double beta2,
            double eps, double weight_decay, bint maximize, int nthreads):
     cdef double c[6]
@@ -506,7 +512,7 @@ def adamax(floating[::1] param, floating[::1] grad, floating[::1] exp_avg,
             nthreads)
 
 
-def nadam(floating[::1] param, floating[::1] grad, floating[::1] exp_avg,
+def nadam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
           floating[::1] exp_avg_sq, double grad_coef, double avg_coef,
           double one_minus_beta1, double beta2, double one_minus_beta2,
           double bias_correction2, double eps, double weight_decay, double decay,
@@ -518,7 +524,7 @@ def nadam(floating[::1] param, floating[::1] grad, floating[::1] exp_avg,
     _launch(R_NADAM, "NAdam", _MV, param, grad, exp_avg, exp_avg_sq, absent, c, nthreads)
 
 
-def radam(floating[::1] param, floating[::1] grad, floating[::1] exp_avg,
+def radam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
           floating[::1] exp_avg_sq, double lr, double bias_correction1,
           double bias_correction2_sqrt, double rect, bint rectified,
           double one_minus_beta1, double beta2, double one_minus_beta2, double eps,
@@ -530,7 +536,7 @@ def radam(floating[::1] param, floating[::1] grad, floating[::1] exp_avg,
     _launch(R_RADAM, "RAdam", _MV, param, grad, exp_avg, exp_avg_sq, absent, c, nthreads)
 
 
-def asgd(floating[::1] param, floating[::1] grad, floating[::1] ax, double eta,
+def asgd(floating[::1] param, const floating[::1] grad, floating[::1] ax, double eta,
          double decay, double mu, double weight_decay, bint maximize, int nthreads):
     cdef double c[5]
     cdef floating[::1] absent = None  # a buffer this rule does not have
@@ -538,7 +544,7 @@ def asgd(floating[::1] param, floating[::1] grad, floating[::1] ax, double eta,
     _launch(R_ASGD, "ASGD", _ASGD, param, grad, ax, absent, absent, c, nthreads)
 
 
-def rprop(floating[::1] param, floating[::1] grad, floating[::1] prev,
+def rprop(floating[::1] param, const floating[::1] grad, floating[::1] prev,
           floating[::1] step_size, double etaminus, double etaplus, double step_size_min,
           double step_size_max, bint maximize, int nthreads):
     cdef double c[5]
@@ -547,7 +553,7 @@ def rprop(floating[::1] param, floating[::1] grad, floating[::1] prev,
     _launch(R_RPROP, "Rprop", _RPROP, param, grad, prev, step_size, absent, c, nthreads)
 
 
-def lion(floating[::1] param, floating[::1] grad, floating[::1] exp_avg, double lr,
+def lion(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg, double lr,
          double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
          double decay, bint maximize, int nthreads):
     cdef double c[7]
