@@ -1,0 +1,403 @@
+"""Output of ``fastopt bench``: the Markdown report, the JSON document, the PNG plot,
+and the check of the issue's performance goals against the figures of one run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from fastopt.bench.peers import LABELS
+
+# the order of peer columns in every table
+PEER_ORDER = ("fastopt", "fastopt_numba", "fastopt_kernel", "numpy", "torch_default",
+              "torch_foreach_false", "torch_fused", "torch_fused_flat", "deepspeed")
+EXTRA_LABELS = {"torch_fused_flat": "torch fused, one flat tensor"}
+
+
+def label(peer):
+    return EXTRA_LABELS.get(peer) or LABELS.get(peer, peer)
+
+
+def fmt_time(s):
+    if s is None or not math.isfinite(s):
+        return "–"
+    if s < 1e-3:
+        return f"{s * 1e6:.3g} µs"
+    if s < 1:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s:.3g} s"
+
+
+def fmt_n(n):
+    if n < 1000:
+        return str(n)
+    exp = int(math.floor(math.log10(n)))
+    mant = n / 10 ** exp
+    return f"{mant:.3g}e{exp}" if mant != 1 else f"1e{exp}"
+
+
+def fmt_ratio(x):
+    if x is None:
+        return "–"
+    return f"{x:.3g}×" if x < 100 else f"{x:.0f}×"
+
+
+def _cell(results, peer, base="fastopt", show_ratio=True):
+    r = results.get(peer)
+    if r is None:
+        return ""
+    st = r.get("status")
+    if st == "ok":
+        txt = fmt_time(r["median_s"])
+        b = results.get(base, {})
+        if show_ratio and peer != base and b.get("status") == "ok":
+            txt += f" ({fmt_ratio(r['median_s'] / b['median_s'])})"
+        return txt
+    if st == "n/a":
+        return "n/a"
+    if st == "missing":
+        return "missing"
+    return "error"
+
+
+def _peers_present(rows, candidates=PEER_ORDER, drop_missing=True):
+    """Peers that appear in any row's results (missing everywhere: left out of the
+    columns, listed under the table instead)."""
+    out = []
+    for p in candidates:
+        sts = [row["results"][p]["status"] for row in rows if p in row.get("results", {})]
+        if not sts:
+            continue
+        if drop_missing and all(s == "missing" for s in sts):
+            continue
+        out.append(p)
+    return out
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------
+
+def machine_line(doc):
+    m = doc["machine"]
+    v = m["versions"]
+    bits = [f"{m['cpu_model']}", f"{m['usable_cpus']} cores",
+            f"{m.get('memory_total_bytes', 0) / 2**30:.0f} GiB RAM"]
+    if m.get("l3_cache"):
+        bits.append(f"L3 {m['l3_cache']}")
+    bits.append(f"ISA {m.get('fastopt_isa')}")
+    vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    return f"{doc['created']} · " + ", ".join(bits) + f" · Python {m['python']}, {vers}"
+
+
+def markdown(doc) -> str:
+    out = [f"# fastopt bench ({doc['config']['mode']})", "", machine_line(doc), ""]
+    load = doc["machine"].get("loadavg_at_start")
+    if load and load[0] > 0.5:
+        out += [f"**Warning:** the 1-minute load average was {load[0]:.2f} when this run "
+                "started: other processes were using the CPU, so times (multi-threaded "
+                "ones especially) may be inflated.", ""]
+    missing = {p: d.get("detail", "") for p, d in doc["peers"].items()
+               if d["status"] == "missing"}
+    if missing:
+        out.append("Missing peers (not installed, not failures): " + "; ".join(
+            f"{label(p)}: {why.splitlines()[0][:120]}" for p, why in missing.items()))
+        out.append("")
+
+    if doc["roof"]:
+        out += ["## Memory-bandwidth roof (measured in this run)", ""]
+        rows = []
+        for r in doc["roof"]:
+            rows.append([r["threads"], r["dtype"], f"{r['triad']['gbps']:.1f}",
+                         f"{r['triad']['gbps_stream_convention']:.1f}",
+                         f"{r['axpy']['gbps']:.1f}", f"**{r['gbps']:.1f}**"])
+        out.append(_table(["threads", "dtype", "triad GB/s (4 streams)",
+                           "triad GB/s (STREAM's 3)", "axpy GB/s (3 streams)", "roof GB/s"],
+                          rows))
+        out += ["", "Roof = the higher of triad (counting the write-allocate) and axpy; "
+                "optimizer GB/s count the bytes/element of RULES.md.", ""]
+
+    cases = [c for c in doc["cases"] if "results" in c]
+    if cases:
+        out += ["## Time per step (fastopt's speedup over each peer in parentheses)", ""]
+        peers = _peers_present(cases)
+        header = (["rule", "dtype", "n", "threads"] + [label(p) for p in peers]
+                  + ["fastopt Gelem/s", "fastopt GB/s", "% of roof"])
+        rows = []
+        for c in cases:
+            f = c["results"].get("fastopt", {})
+            ok = f.get("status") == "ok"
+            rows.append([c["rule"], c["dtype"], fmt_n(c["n"]), c["threads"]]
+                        + [_cell(c["results"], p) for p in peers]
+                        + [f"{f['elements_per_s'] / 1e9:.2f}" if ok else "–",
+                           f"{f['gbps']:.1f}" if ok else "–",
+                           f"{100 * f['roof_fraction']:.0f}%" if ok and "roof_fraction" in f
+                           else "–"])
+        out.append(_table(header, rows))
+        out.append("")
+        hyper = {c["rule"]: c["hyperparameters"] for c in cases}
+        nondefault = {"SGD": "momentum=0.9"} if "SGD" in hyper else {}
+        if nondefault:
+            out += ["Hyperparameters: torch's defaults, except " + ", ".join(
+                f"{k}({v})" for k, v in nondefault.items()) + ".", ""]
+    skipped = [c for c in doc["cases"] if "skipped" in c]
+    if skipped:
+        out += ["Skipped for memory: " + "; ".join(
+            f"{c['rule']} {c['dtype']} n={fmt_n(c['n'])} ({c['skipped']})" for c in skipped), ""]
+
+    sc = doc.get("scenarios", {})
+    if "overhead" in sc:
+        out += _overhead_md(sc["overhead"])
+    if "model" in sc:
+        out += _model_md(sc["model"])
+    if "threads" in sc:
+        out += _threads_md(sc["threads"])
+    if "denormal" in sc:
+        out += _denormal_md(sc["denormal"])
+    if doc.get("goals"):
+        out += ["## Performance goals (issue 4)", ""]
+        rows = [[g["goal"], g["target"], g["measured_text"],
+                 {True: "met", False: "**missed**", None: "not measured"}[g["met"]]]
+                for g in doc["goals"]]
+        out.append(_table(["goal", "target", "measured", ""], rows))
+        out.append("")
+    out.append(f"Elapsed: {doc.get('elapsed_s', 0):.1f} s. Median of {doc['config']['repeats']} "
+               "interleaved samples per peer after warm-up.")
+    out.append("")
+    return "\n".join(out)
+
+
+def _error_md(name, sc):
+    return [f"## {name}", "", f"error: {sc['error']}", ""]
+
+
+def _overhead_md(sc):
+    if "error" in sc:
+        return _error_md("Per-call overhead", sc)
+    rows = sc["cases"]
+    peers = _peers_present(rows)
+    out = ["## Per-call overhead on tiny buffers (time per step)", ""]
+    out.append(_table(["rule", "dtype", "n"] + [label(p) for p in peers],
+                      [[r["rule"], r["dtype"], r["n"]] + [_cell(r["results"], p) for p in peers]
+                       for r in rows]))
+    b = sc.get("breakdown_adam_float32_n1", {})
+    if "opt_step_s" in b:
+        out += ["", "Where one `fastopt.Adam(...).step(g)` on 1 float32 element spends its "
+                f"time: `opt.step` {fmt_time(b['opt_step_s'])} = compiled kernel entry "
+                f"{fmt_time(b['compiled_kernel_call_s'])} + Python layer "
+                f"{fmt_time(b['python_layer_s'])} (of which `Rule.plan` "
+                f"{fmt_time(b['plan_s'])}); an empty Python call costs "
+                f"{fmt_time(b['empty_python_call_s'])}."]
+    out.append("")
+    return out
+
+
+def _model_md(sc):
+    if "error" in sc:
+        return _error_md("Multi-tensor model", sc)
+    rows = sc["cases"]
+    peers = _peers_present(rows)
+    out = ["## Multi-tensor model: one FlatParams call vs torch.optim over the tensors "
+           "(Adam, float32)", ""]
+    out.append(_table(["model", "tensors", "parameters"] + [label(p) for p in peers]
+                      + ["fastopt GB/s"],
+                      [[r["model"], r["tensors"], fmt_n(r["n"])]
+                       + [_cell(r["results"], p) for p in peers]
+                       + [f"{r['results']['fastopt']['gbps']:.1f}"
+                          if r["results"].get("fastopt", {}).get("status") == "ok" else "–"]
+                       for r in rows]))
+    out.append("")
+    return out
+
+
+def _threads_md(sc):
+    if "error" in sc:
+        return _error_md("Thread scaling", sc)
+    rows = sc["cases"]
+    peers = _peers_present(rows)
+    out = ["## Thread scaling (Adam, float32)", ""]
+    sp = {(s["n"], s["threads"]): s["speedup_vs_1_thread"] for s in sc["scaling"]}
+    table = []
+    for r in rows:
+        f = r["results"].get("fastopt", {})
+        s = sp.get((r["n"], r["threads"]), {})
+        table.append([fmt_n(r["n"]), r["threads"], f"{r['roof_gbps']:.1f}"]
+                     + [_cell(r["results"], p) for p in peers]
+                     + [f"{100 * f['roof_fraction']:.0f}%" if "roof_fraction" in f else "–",
+                        ", ".join(f"{label(p)} {v:.2f}×" for p, v in s.items())])
+    out.append(_table(["n", "threads", "roof GB/s"] + [label(p) for p in peers]
+                      + ["fastopt % roof", "speedup vs 1 thread"], table))
+    out.append("")
+    return out
+
+
+def _denormal_md(sc):
+    if "error" in sc:
+        return _error_md("Subnormal state", sc)
+    out = ["## Subnormal state (Adam): time per step with normal vs subnormal values", ""]
+    table = []
+    for r in sc["cases"]:
+        peers = sorted({k.split(":")[0] for k in r["results"]},
+                       key=lambda p: PEER_ORDER.index(p) if p in PEER_ORDER else 99)
+        for p in peers:
+            a, b = r["results"].get(f"{p}:normal", {}), r["results"].get(f"{p}:subnormal", {})
+            if a.get("status") != "ok" or b.get("status") != "ok":
+                table.append([r["dtype"], fmt_n(r["n"]), label(p), a.get("status"), "", "", ""])
+                continue
+            cen = r["subnormal_fraction_of_state"].get(f"{p}:subnormal", {})
+            frac = max((v for v in cen.values() if isinstance(v, float)), default=None)
+            table.append([r["dtype"], fmt_n(r["n"]), label(p), fmt_time(a["median_s"]),
+                          fmt_time(b["median_s"]), f"{r['slowdown'][p]:.2f}×",
+                          f"{100 * frac:.0f}%" if frac is not None else "–"])
+    out.append(_table(["dtype", "n", "peer", "normal", "subnormal", "slowdown",
+                       "subnormal share of state"], table))
+    out += ["", f"Limit for fastopt: {sc['limit']}×.", ""]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Goals
+# ---------------------------------------------------------------------------
+
+def _find(doc, rule, dtype, n):
+    threads = max((c["threads"] for c in doc["cases"]), default=None)
+    for c in doc["cases"]:
+        if (c["rule"], c["dtype"], c["n"], c["threads"]) == (rule, dtype, n, threads) \
+                and "results" in c:
+            return c
+    return None
+
+
+def _goal(goal, target, value, ok, text=None):
+    return {"goal": goal, "target": target, "measured": value,
+            "measured_text": text if text is not None else
+            ("–" if value is None else f"{value:.3g}"),
+            "met": None if value is None else bool(ok)}
+
+
+def evaluate_goals(doc) -> list:
+    goals = []
+    for n, target in ((16_000_000, 0.95), (1_000_000, 1.5), (100_000, 3.0), (1_000, 20.0)):
+        c = _find(doc, "Adam", "float32", n)
+        v = c["speedup"].get("torch_fused") if c else None
+        goals.append(_goal(f"Adam float32 n={fmt_n(n)}: fastopt vs torch fused", f"≥ {target}×",
+                           v, v is not None and v >= target,
+                           None if v is None else f"{v:.2f}×"))
+    c = _find(doc, "Adam", "float32", 16_000_000)
+    v = c["results"]["fastopt"].get("roof_fraction") if c else None
+    goals.append(_goal("Adam float32 n=1.6e7: fraction of the roof", "≥ 0.90", v,
+                       v is not None and v >= 0.9, None if v is None else f"{v:.2f}"))
+    for row in doc.get("scenarios", {}).get("model", {}).get("cases", []):
+        v = row["speedup"].get("torch_fused")
+        goals.append(_goal(f"{row['model']} model ({row['tensors']} tensors, "
+                           f"{fmt_n(row['n'])}): FlatParams vs torch fused", "≥ 2×", v,
+                           v is not None and v >= 2.0, None if v is None else f"{v:.2f}×"))
+    big = [c for c in doc["cases"] if c["rule"] == "Adam" and c["dtype"] == "float32"
+           and c["n"] >= 1_000_000 and "results" in c and "numpy" in c["speedup"]]
+    if big:
+        worst = min(big, key=lambda c: c["speedup"]["numpy"])
+        v = worst["speedup"]["numpy"]
+        goals.append(_goal("Adam float32 n ≥ 1e6: fastopt vs NumPy (worst size)", "≥ 10×", v,
+                           v >= 10, f"{v:.1f}× (n={fmt_n(worst['n'])})"))
+    else:
+        goals.append(_goal("Adam float32 n ≥ 1e6: fastopt vs NumPy", "≥ 10×", None, False))
+    threads = max((c["threads"] for c in doc["cases"]), default=None)
+    for c in doc["cases"]:
+        if c["n"] == 16_000_000 and c["rule"] != "Adam" and c["threads"] == threads \
+                and "results" in c:
+            v = c["results"].get("fastopt", {}).get("roof_fraction")
+            goals.append(_goal(f"{c['rule']} {c['dtype']} n=1.6e7: fraction of its roof",
+                               "≥ 0.85", v, v is not None and v >= 0.85,
+                               None if v is None else f"{v:.2f}"))
+    for row in doc.get("scenarios", {}).get("denormal", {}).get("cases", []):
+        v = row["slowdown"].get("fastopt")
+        goals.append(_goal(f"subnormal state, Adam {row['dtype']} n={fmt_n(row['n'])}: "
+                           "fastopt slowdown", "≤ 1.2×", v, v is not None and v <= 1.2,
+                           None if v is None else f"{v:.2f}×"))
+    return goals
+
+
+# ---------------------------------------------------------------------------
+# JSON and PNG
+# ---------------------------------------------------------------------------
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(doc, path):
+    with open(path, "w") as f:
+        json.dump(_jsonable(doc), f, indent=1)
+        f.write("\n")
+
+
+def plot(doc, path):
+    """Writes the PNG; returns None, or a message saying why it was skipped."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ("matplotlib is not installed: plot skipped "
+                "(pip install matplotlib, or pip install 'fastopt[bench]')")
+    cases = [c for c in doc["cases"] if "results" in c]
+    if not cases:
+        return "no grid cases to plot"
+    threads = max(c["threads"] for c in cases)
+    groups = {}
+    for c in cases:
+        if c["threads"] == threads:
+            groups.setdefault((c["rule"], c["dtype"]), []).append(c)
+    keys = sorted(groups)
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    peers = _peers_present(cases)
+    for ax, key in zip(axes.flat, keys):
+        rows = sorted(groups[key], key=lambda c: c["n"])
+        for p in peers:
+            xs = [c["n"] for c in rows if c["results"].get(p, {}).get("status") == "ok"]
+            ys = [c["results"][p]["gbps"] for c in rows
+                  if c["results"].get(p, {}).get("status") == "ok"]
+            if xs:
+                ax.plot(xs, ys, marker="o", ms=3, lw=2.2 if p == "fastopt" else 1.2,
+                        label=label(p))
+        roof = rows[0].get("roof_gbps")
+        if roof:
+            ax.axhline(roof, color="k", ls="--", lw=1, label=f"roof {roof:.0f} GB/s")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{key[0]} {key[1]} ({rows[0]['bytes_per_element']} B/elem)")
+        ax.set_xlabel("elements")
+        ax.set_ylabel("effective GB/s")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    fig.suptitle(f"fastopt bench: throughput vs size, {threads} thread(s) — "
+                 f"{doc['machine']['cpu_model']}, {doc['created'][:10]}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
