@@ -14,12 +14,12 @@ import numbers
 import numpy as np
 
 from fastopt import backends
-from fastopt._checks import check_array, coerce
+from fastopt._checks import check_array, check_buffers, coerce
 from fastopt.flat import FlatParams
-from fastopt.functional import run_kernel
 from fastopt.rules import RULES, Rule
 
 STATE_DICT_FORMAT = "fastopt.state_dict/1"
+_threads = backends._num_threads  # read once per step: a list, shared
 
 
 class Optimizer:
@@ -43,7 +43,7 @@ class Optimizer:
         d = self.__dict__
         d["_param"] = arr
         d["_backend"] = be
-        d["_kernel"] = getattr(be, rule.kernel)
+        d["_names"] = ("param", "grad") + tuple(b.name for b in rule.buffers)
         d["_plan"] = rule.plan
         d["_hp"] = hp
         d["_scalars"] = rule.initial_scalars(hp)
@@ -57,8 +57,14 @@ class Optimizer:
         """One update of ``param`` in place with gradient ``grad``."""
         t = self.step_count + 1
         args, scalars = self._plan(self._hp, t, self._scalars, self._fresh)
-        run_kernel(self._kernel, self.rule, self._param, grad, self._bufs, args,
-                   self._backend)
+        try:
+            self._bound.step(grad, args, _threads[0])
+        except (TypeError, ValueError, BufferError):
+            # refused before anything was written: name the culprit, or convert
+            # a non-array gradient (a tensor, a buffer) and try once more
+            grad = coerce("grad", grad, self._backend)
+            check_buffers(self._names, (self._param, grad) + self._bufs)
+            self._bound.step(grad, args, _threads[0])
         d = self.__dict__
         d["_scalars"] = scalars
         d["_fresh"] = False
@@ -106,8 +112,9 @@ class Optimizer:
                 self.state[b.name] = self._backend.full(p.shape[0], p.dtype, b.fill(hp), p)
                 # a buffer born after step 1 takes torch's first-use path (SGD: b ← g)
                 self.__dict__["_fresh"] = self.step_count > 0
-        self.__dict__["_bufs"] = tuple(self.state[b.name] if b.needed(hp) else None
-                                       for b in rule.buffers)
+        bufs = tuple(self.state[b.name] if b.needed(hp) else None for b in rule.buffers)
+        self.__dict__["_bufs"] = bufs
+        self.__dict__["_bound"] = backends.bind(self._backend, rule.kernel, p, bufs)
 
     def __repr__(self):
         hp = ", ".join(f"{k}={v!r}" for k, v in self._hp.items())

@@ -12,7 +12,10 @@ A backend is a module with:
 * ``max_threads()``: the default thread count;
 * ``as_array(obj)``: ``obj`` as the backend's 1-D array type, without a copy, or
   ``TypeError``; ``full(n, dtype, value, like)``: a new state buffer beside ``like``;
-  ``to_host(buf)``: a NumPy copy; ``copy_from_host(dst, host)``: fill ``dst``.
+  ``to_host(buf)``: a NumPy copy; ``copy_from_host(dst, host)``: fill ``dst``;
+* optionally ``bind(kernel, param, buffers)``: an object whose
+  ``step(grad, args, nthreads)`` runs the kernel on buffers acquired once (the
+  classes' fast path); ``bind`` below adapts a backend that lacks it.
 
 Selection: ``FASTOPT_BACKEND=cython|numba`` forces a CPU backend (an error if it is
 unavailable); otherwise the compiled one when it imports, else Numba. Arrays that
@@ -88,6 +91,24 @@ def for_array(obj, name: str | None = None):
     if name == "cuda":
         raise ValueError("backend='cuda' needs arrays that expose __cuda_array_interface__")
     return load(name)
+
+
+class _Unbound:
+    """``bind`` for a backend without one: the plain kernel call."""
+
+    __slots__ = ("kernel", "param", "buffers")
+
+    def __init__(self, kernel, param, buffers):
+        self.kernel, self.param, self.buffers = kernel, param, tuple(buffers)
+
+    def step(self, grad, args, nthreads):
+        self.kernel(self.param, grad, *self.buffers, *args, nthreads)
+
+
+def bind(backend, kernel: str, param, buffers):
+    if hasattr(backend, "bind"):
+        return backend.bind(kernel, param, buffers)
+    return _Unbound(getattr(backend, kernel), param, buffers)
 
 
 # One thread count for every CPU backend, read by each call (kernels take it as

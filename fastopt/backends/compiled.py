@@ -39,3 +39,9 @@ lion = _mod.lion
 
 def max_threads():
     return _mod.max_threads()
+
+
+def bind(kernel, param, buffers):
+    """The optimizer classes' fast path: param and state acquired once;
+    ``step(grad, args, nthreads)`` per call."""
+    return _mod.Bound(kernel, param, buffers)

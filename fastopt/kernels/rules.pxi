@@ -560,3 +560,103 @@ def lion(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg, d
     cdef floating[::1] absent = None  # a buffer this rule does not have
     c[:] = [lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, maximize]
     _launch(R_LION, "Lion", _LION, param, grad, exp_avg, absent, absent, c, nthreads)
+
+
+# --------------------------------------------------------------------------
+# Bound kernels: the optimizer classes' fast path. Param and state buffers are
+# acquired and checked once, at bind time; a step acquires only the gradient,
+# checks its length and overlap, and runs. Per-step scalars arrive as the
+# tuple Rule.plan returns, in the entry points' order.
+# --------------------------------------------------------------------------
+
+_RULE_IDS = {"sgd": (R_SGD, 8, _SGD), "adam": (R_ADAM, 9, _ADAM),
+             "adagrad": (R_ADAGRAD, 4, _ADAGRAD), "rmsprop": (R_RMSPROP, 7, _RMSPROP),
+             "adadelta": (R_ADADELTA, 6, _ADADELTA), "adamax": (R_ADAMAX, 6, _ADAMAX),
+             "nadam": (R_NADAM, 10, _MV), "radam": (R_RADAM, 12, _MV),
+             "asgd": (R_ASGD, 5, _ASGD), "rprop": (R_RPROP, 5, _RPROP),
+             "lion": (R_LION, 7, _LION)}
+
+
+cdef class Bound:
+    """``bind(kernel, param, buffers)``: ``step(grad, args, nthreads)`` runs the
+    kernel on the bound buffers. Holds the buffers (and their exports) alive."""
+
+    cdef RuleId rule
+    cdef int nargs
+    cdef bint is_double
+    cdef Py_ssize_t n
+    cdef char* ptrs[4]
+    cdef object views
+    cdef readonly str kernel
+    cdef object names
+
+    def __init__(self, str kernel, param, buffers):
+        cdef float[::1] f
+        cdef double[::1] d
+        cdef int k
+        if kernel not in _RULE_IDS:
+            raise ValueError(f"unknown kernel {kernel!r}")
+        self.rule, self.nargs, self.names = _RULE_IDS[kernel]
+        self.kernel = kernel
+        buffers = tuple(buffers) + (None,) * (3 - len(buffers))
+        self.is_double = param.dtype.itemsize == 8
+        views = []
+        for k, obj in enumerate((param,) + buffers):
+            if obj is None:
+                self.ptrs[k] = NULL
+                continue
+            if self.is_double:
+                d = obj
+                views.append(d)
+                self.ptrs[k] = <char*>&d[0] if d.shape[0] > 0 else NULL
+                m = d.shape[0]
+            else:
+                f = obj
+                views.append(f)
+                self.ptrs[k] = <char*>&f[0] if f.shape[0] > 0 else NULL
+                m = f.shape[0]
+            if k == 0:
+                self.n = m
+            elif m != self.n:
+                raise ValueError(f"{self.names[k + 1]} has length {m}, param has "
+                                 f"length {self.n}")
+        self.views = views
+
+    def step(self, grad, tuple args, int nthreads):
+        cdef double c[16]
+        cdef Py_ssize_t k, nbytes
+        cdef const float[::1] gf
+        cdef const double[::1] gd
+        cdef const char* gp
+        if len(args) != self.nargs:
+            raise TypeError(f"{self.kernel} takes {self.nargs} per-step scalars, "
+                            f"got {len(args)}")
+        for k in range(self.nargs):
+            c[k] = args[k]
+        if self.is_double:
+            gd = grad
+            if gd.shape[0] != self.n:
+                raise ValueError(f"grad has length {gd.shape[0]}, param has length {self.n}")
+            gp = <const char*>&gd[0] if self.n > 0 else NULL
+            nbytes = self.n * 8
+        else:
+            gf = grad
+            if gf.shape[0] != self.n:
+                raise ValueError(f"grad has length {gf.shape[0]}, param has length {self.n}")
+            gp = <const char*>&gf[0] if self.n > 0 else NULL
+            nbytes = self.n * 4
+        if self.n == 0:
+            return
+        for k in range(4):
+            if _overlap(gp, self.ptrs[k], nbytes):
+                raise ValueError(f"grad shares memory with {self.names[0 if k == 0 else k + 1]}; "
+                                 "every buffer must be distinct")
+        with nogil:
+            if self.is_double:
+                _run[double](self.rule, <double*>self.ptrs[0], <const double*>gp,
+                             <double*>self.ptrs[1], <double*>self.ptrs[2],
+                             <double*>self.ptrs[3], c, self.n, nthreads)
+            else:
+                _run[float](self.rule, <float*>self.ptrs[0], <const float*>gp,
+                            <float*>self.ptrs[1], <float*>self.ptrs[2],
+                            <float*>self.ptrs[3], c, self.n, nthreads)
