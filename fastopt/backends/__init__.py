@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 _CPU_NAMES = ("cython", "numba")
 _MODULES = {"cython": "fastopt.backends.compiled", "numba": "fastopt.backends.numba_cpu",
@@ -67,9 +68,14 @@ def _select_default():
         return load(forced)
     for name in _CPU_NAMES:
         try:
-            return load(name)
+            mod = load(name)
         except ImportError:
             continue
+        if name != _CPU_NAMES[0]:
+            # pip hides the build's warning when it succeeds: say it here too
+            warnings.warn(f"fastopt: compiled kernels unavailable ({_errors.get('cython')}); "
+                          f"running on the {name} backend", RuntimeWarning, stacklevel=3)
+        return mod
     raise ImportError(
         "fastopt has no usable backend: the compiled kernels did not import "
         f"({_errors.get('cython')}) and Numba is unavailable ({_errors.get('numba')}). "
