@@ -169,10 +169,33 @@ def markdown(doc) -> str:
                 for g in doc["goals"]]
         out.append(_table(["goal", "target", "measured", ""], rows))
         out.append("")
+    retaken, kept = preemption_counts(doc)
     out.append(f"Elapsed: {doc.get('elapsed_s', 0):.1f} s. Median of {doc['config']['repeats']} "
-               "interleaved samples per peer after warm-up.")
+               "interleaved samples per peer after warm-up. Samples during which another "
+               f"process took the CPU were retaken ({retaken} retaken"
+               + (f"; **{kept} kept after the retry budget ran out: those figures are "
+                  "inflated**" if kept else "; none kept") + ").")
     out.append("")
     return "\n".join(out)
+
+
+def preemption_counts(doc):
+    """(samples retaken, preempted samples kept) over every timing in the document."""
+    retaken = kept = 0
+
+    def walk(x):
+        nonlocal retaken, kept
+        if isinstance(x, dict):
+            retaken += x.get("preempted_retaken", 0) if isinstance(
+                x.get("preempted_retaken"), int) else 0
+            kept += x.get("preempted_kept", 0) if isinstance(x.get("preempted_kept"), int) else 0
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    walk({k: doc.get(k) for k in ("roof", "cases", "scenarios")})
+    return retaken, kept
 
 
 def _error_md(name, sc):

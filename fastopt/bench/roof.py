@@ -12,8 +12,6 @@ write-allocate. The roof is the higher of the two figures, so that it is a roof
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 # Each array 4x the L3 of a large desktop/server part, so nothing is cached.
@@ -38,19 +36,19 @@ def measure(nthreads: int, dtype="float32", repeats: int = 9,
     b = np.full(n, 0.5, dt)
     c = np.full(n, 0.25, dt)
     out = {"threads": nthreads, "dtype": dt.name, "n": int(n)}
-    for name, call, streams in (
-            ("triad", lambda: mod.triad(a, b, c, 1.0, nthreads), 4),
-            ("axpy", lambda: mod.axpy(a, c, 1e-6, nthreads), 3)):
-        call()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            call()
-            ts.append(time.perf_counter() - t0)
-        med = float(np.median(ts))
+    from fastopt.bench.timing import time_interleaved
+    kernels = {"triad": (lambda: mod.triad(a, b, c, 1.0, nthreads), 4),
+               "axpy": (lambda: mod.axpy(a, c, 1e-6, nthreads), 3)}
+    t = time_interleaved({k: v[0] for k, v in kernels.items()}, repeats=repeats, warmup=1,
+                         target_sample_s=0.0, prestep_below_s=0.0)
+    for name, (_, streams) in kernels.items():
+        res = t[name]
+        med = res["median_s"]
         nbytes = streams * dt.itemsize * n
-        out[name] = {"median_s": med, "samples_s": ts, "bytes_per_element": streams * dt.itemsize,
-                     "gbps": nbytes / med / 1e9}
+        out[name] = {"median_s": med, "samples_s": res["samples_s"],
+                     "preempted_retaken": res["preempted_retaken"],
+                     "preempted_kept": res["preempted_kept"],
+                     "bytes_per_element": streams * dt.itemsize, "gbps": nbytes / med / 1e9}
     out["triad"]["gbps_stream_convention"] = 3 * dt.itemsize * n / out["triad"]["median_s"] / 1e9
     out["gbps"] = max(out["triad"]["gbps"], out["axpy"]["gbps"])
     out["roof_kernel"] = "triad" if out["triad"]["gbps"] >= out["axpy"]["gbps"] else "axpy"

@@ -13,8 +13,8 @@ import numpy as np
 
 from fastopt.bench import peers as P
 from fastopt.bench import roof as roof_mod
-from fastopt.bench.runner import (build_steps, merge_timings, random_array, set_threads,
-                                  speedups)
+from fastopt.bench.runner import (build_steps, merge_timings, prestep_threshold, random_array,
+                                  set_threads, speedups)
 from fastopt.bench.timing import time_interleaved
 
 OVERHEAD_SIZES = (1, 100, 1000)
@@ -148,12 +148,16 @@ def scenario_model(cfg, nthreads, roofs, rng, bar=None):
         n = int(flat.data.shape[0])
         bpe = get_rule(rule_name).bytes_per_element(hp, 4)
         peers = [p for p in MODEL_PEERS if p in cfg.peers or p == "torch_fused_flat"]
+        if cfg.mode == "quick":
+            # on CPU torch's default *is* foreach=False (see benchmarks/README.md):
+            # the quick run times it once, as foreach=False
+            peers = [p for p in peers if p != "torch_default"]
         if "torch_fused" not in cfg.peers:
             peers = [p for p in peers if p != "torch_fused_flat"]
         steps, holders, status = build_steps(
             peers, lambda peer: P.make_multi_step(peer, rule_name, hp, flat, nthreads))
         t = time_interleaved(steps, repeats=cfg.repeats, warmup=cfg.warmup,
-                             target_sample_s=cfg.target_sample_s)
+                             target_sample_s=cfg.target_sample_s, prestep_below_s=0.0)
         results = merge_timings(status, t, n, bpe, roofs.get((nthreads, "float32")))
         rows.append({"model": model, "rule": rule_name, "dtype": "float32",
                      "tensors": len(shapes), "n": n, "bytes_per_element": bpe,
@@ -192,7 +196,8 @@ def scenario_threads(cfg, nthreads, roofs, rng, bar=None):
                 steps, holders, status = build_steps(
                     peers, lambda peer: P.make_step(peer, "Adam", hp, param, grad, th))
                 t = time_interleaved(steps, repeats=cfg.repeats, warmup=cfg.warmup,
-                                     target_sample_s=cfg.target_sample_s)
+                                     target_sample_s=cfg.target_sample_s,
+                                     prestep_below_s=prestep_threshold(bpe * n))
                 results = merge_timings(status, t, n, bpe, r["gbps"])
                 rows.append({"rule": "Adam", "dtype": "float32", "n": n, "threads": th,
                              "roof_gbps": r["gbps"], "results": results,
@@ -275,7 +280,8 @@ def scenario_denormal(cfg, nthreads, roofs, rng, bar=None):
                     steps[f"{peer}:{kind}"] = s[peer]
                     holders[f"{peer}:{kind}"] = h[peer]
         t = time_interleaved(steps, repeats=cfg.repeats, warmup=max(cfg.warmup, 3),
-                             target_sample_s=cfg.target_sample_s)
+                             target_sample_s=cfg.target_sample_s,
+                             prestep_below_s=prestep_threshold(bpe * n))
         results = merge_timings(status, t, n, bpe, roofs.get((nthreads, dtype)))
         census = {}
         for key, h in holders.items():
