@@ -45,7 +45,7 @@ def _check_schema(doc, rules, sizes, dtypes=("float32",)):
     assert set(m["versions"]) >= {"fastopt", "numpy", "torch", "numba"}
     for name, st in doc["peers"].items():
         assert st["status"] in {"ok", "missing"}
-    assert doc["roof"] and all(r["gbps"] > 0 and r["triad"]["bytes_per_element"] ==
+    assert doc["roof_gbps"] and doc["roof"] and all(r["gbps"] > 0 and r["triad"]["bytes_per_element"] ==
                                4 * np.dtype(r["dtype"]).itemsize for r in doc["roof"])
     combos = {(c["rule"], c["dtype"], c["n"]) for c in doc["cases"]}
     assert combos == {(r, d, n) for r in rules for d in dtypes for n in sizes}

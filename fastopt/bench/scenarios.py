@@ -221,7 +221,9 @@ def scenario_threads(cfg, nthreads, roofs, rng, bar=None):
     roof_scaling = [{"threads": r["threads"], "gbps": r["gbps"],
                      "triad_gbps": r["triad"]["gbps"], "axpy_gbps": r["axpy"]["gbps"]}
                     for r in roof_rows]
-    return {"counts": counts, "cases": rows, "scaling": scaling, "roof": roof_scaling}
+    return {"counts": counts, "cases": rows, "scaling": scaling, "roof": roof_scaling,
+            "roof_measurements": [{"threads": r["threads"], "dtype": r["dtype"],
+                                   "gbps": r["gbps"]} for r in roof_rows]}
 
 
 # ---------------------------------------------------------------------------
