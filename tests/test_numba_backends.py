@@ -225,6 +225,7 @@ def test_cuda_array_helpers(small_grid):
     CUDA.copy_from_host(buf, np.arange(100, dtype=np.float32))
     assert np.array_equal(CUDA.to_host(buf), np.arange(100, dtype=np.float32))
     assert CUDA.as_array(buf) is not None
+    assert CUDA.is_device_array(buf) and not CUDA.is_device_array(np.zeros(3))
     with pytest.raises(TypeError):
         CUDA.as_array(np.zeros(3))
     with pytest.raises(TypeError, match="CUDA array"):

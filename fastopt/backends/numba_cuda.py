@@ -114,6 +114,13 @@ def _stream_of(desc):
 # The array helpers of the backend protocol.
 # --------------------------------------------------------------------------
 
+def is_device_array(obj):
+    """Whether ``obj`` is an array this backend updates. Under the simulator its
+    arrays have no ``__cuda_array_interface__`` (and do have
+    ``__array_interface__``), so a caller routing arrays should ask this."""
+    return _is_device(obj)
+
+
 def as_array(obj):
     """``obj`` as a Numba device array sharing its memory, or TypeError."""
     if not _is_device(obj):
