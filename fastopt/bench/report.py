@@ -125,16 +125,17 @@ def markdown(doc) -> str:
         final = ", ".join(f"{r['threads']} thread(s) {r['dtype']}: **{r['gbps']:.1f} GB/s**"
                           for r in doc.get("roof_gbps", []))
         out += ["", "Per kernel: the higher of triad (counting the write-allocate) and axpy. "
-                "The roof used below is the highest measurement of the run (start, end, thread "
-                f"scenario) — a neighbour can only lower one: {final}. Optimizer GB/s count "
-                "the bytes/element of RULES.md.", ""]
+                "Cases out of cache (working set > 2 × L3) and the model scenario time the "
+                "roof kernels interleaved with their peers and use that roof (bandwidth on "
+                "a shared host drifts); other cases use the highest measurement of the run "
+                f"({final}). Optimizer GB/s count the bytes/element of RULES.md.", ""]
 
     cases = [c for c in doc["cases"] if "results" in c]
     if cases:
         out += ["## Time per step (fastopt's speedup over each peer in parentheses)", ""]
         peers = _peers_present(cases)
         header = (["rule", "dtype", "n", "threads"] + [label(p) for p in peers]
-                  + ["fastopt Gelem/s", "fastopt GB/s", "% of roof"])
+                  + ["fastopt Gelem/s", "fastopt GB/s", "roof GB/s", "% of roof"])
         rows = []
         for c in cases:
             f = c["results"].get("fastopt", {})
@@ -143,10 +144,14 @@ def markdown(doc) -> str:
                         + [_cell(c["results"], p) for p in peers]
                         + [f"{f['elements_per_s'] / 1e9:.2f}" if ok else "–",
                            f"{f['gbps']:.1f}" if ok else "–",
+                           (f"{c['roof_gbps']:.1f}" + ("" if c.get("roof_in_case") else "*"))
+                           if c.get("roof_gbps") else "–",
                            f"{100 * f['roof_fraction']:.0f}%" if ok and "roof_fraction" in f
                            else "–"])
         out.append(_table(header, rows))
         out.append("")
+        out += ["Roof GB/s: measured interleaved with the case; * the run's roof (the case "
+                "fits in cache, so its fraction of the DRAM roof can exceed 100%).", ""]
         hyper = {c["rule"]: c["hyperparameters"] for c in cases}
         nondefault = {"SGD": "momentum=0.9"} if "SGD" in hyper else {}
         if nondefault:
