@@ -85,10 +85,20 @@ def _select_default():
 DEFAULT = _select_default()
 
 
+def _is_device_array(obj) -> bool:
+    if obj is None or type(obj).__module__ == "numpy":
+        return False
+    if hasattr(obj, "__cuda_array_interface__"):
+        return True
+    # Numba's simulator arrays expose only __array_interface__: ask the backend
+    return (type(obj).__module__ or "").startswith("numba.cuda") and \
+        load("cuda").is_device_array(obj)
+
+
 def for_array(obj, name: str | None = None):
     """The backend that updates ``obj``: CUDA for device arrays, else ``name`` or
     the default."""
-    if hasattr(obj, "__cuda_array_interface__") and not hasattr(obj, "__array_interface__"):
+    if _is_device_array(obj):
         if name not in (None, "cuda"):
             raise ValueError(f"backend={name!r} cannot update a CUDA array; use backend='cuda'")
         return load("cuda")
