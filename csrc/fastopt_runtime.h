@@ -40,4 +40,28 @@ static inline int fastopt_cpu_has_avx2_fma(void) {
 #define FASTOPT_ISA "generic"
 #endif
 
+/* Flush-to-zero and denormals-are-zero around a kernel. Subnormal operands
+ * cost this CPU family a microcode assist per operation (measured 2.1-2.7x on
+ * a whole step); with FTZ|DAZ the step runs at full speed. enter() returns the
+ * caller's MXCSR, leave() restores it: each thread's floating-point state is
+ * exactly as it was outside the kernel. No-ops off x86. */
+static inline unsigned int fastopt_fpu_enter(int flush) {
+#if FASTOPT_X86
+    unsigned int saved = _mm_getcsr();
+    if (flush) _mm_setcsr(saved | 0x8040u);   /* FTZ (bit 15) | DAZ (bit 6) */
+    return saved;
+#else
+    (void)flush;
+    return 0;
+#endif
+}
+
+static inline void fastopt_fpu_leave(int flush, unsigned int saved) {
+#if FASTOPT_X86
+    if (flush) _mm_setcsr(saved);
+#else
+    (void)flush; (void)saved;
+#endif
+}
+
 #endif /* FASTOPT_RUNTIME_H */

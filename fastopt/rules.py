@@ -254,7 +254,7 @@ def _plan_adam(hp, t, scalars, fresh):
     wd, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
     bc1 = 1.0 - beta1 ** t
     bc2 = 1.0 - beta2 ** t
-    return (hp["lr"] / bc1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(bc2),
+    return (hp["lr"] / bc1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(bc2),
             hp["eps"], wd, decay, int(hp["maximize"])), scalars
 
 

@@ -72,7 +72,9 @@ def adam(param, grad, state, scalars, hp, t):
         state["max_exp_avg_sq"][...] = v
     bc1 = 1.0 - beta1 ** t
     bc2 = 1.0 - beta2 ** t
-    denom = np.sqrt(v) / math.sqrt(bc2) + hp["eps"]     # ε after the bias correction
+    # ε after the bias correction, which is applied as a multiplier 1/√bc2
+    # (computed once in float64; one division per element fewer than √v/√bc2)
+    denom = np.sqrt(v) * (1.0 / math.sqrt(bc2)) + hp["eps"]
     param[...] = param - (hp["lr"] / bc1) * m / denom
 
 

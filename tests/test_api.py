@@ -557,3 +557,36 @@ def test_flat_params_errors():
         fastopt.FlatParams([np.ones(3)], dtype=np.int32)
     with pytest.raises(TypeError, match="list of arrays"):
         fastopt.FlatParams(np.ones(3))
+
+
+# --------------------------------------------------------------------------
+# Subnormals: flushed inside the compiled kernels by default, IEEE when asked;
+# the caller's floating-point state is restored either way
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [7, 100003])  # serial path and OpenMP workers
+def test_flush_denormals_and_caller_state(n):
+    import reference
+    tiny = np.float32(1e-39)  # subnormal in float32
+    g = np.full(n, tiny, F32)
+    assert fastopt.get_flush_denormals() is True
+    opt = fastopt.Adam(np.ones(n, F32))
+    opt.step(g)
+    assert (opt.state["exp_avg"] == 0).all()  # DAZ: the subnormal gradient read as 0
+    # the caller's state is untouched: NumPy still produces subnormals
+    assert (np.array([1e-38], F32) * F32(1e-3))[0] != 0
+    fastopt.set_flush_denormals(False)
+    try:
+        p = np.ones(n, F32)
+        opt = fastopt.Adam(p)
+        ref_p, st = np.ones(n, F32), reference.initial_state("Adam", opt.hyperparameters, n, F32)
+        for t in (1, 2, 3):
+            opt.step(g)
+            reference.step("Adam", ref_p, g, st, {}, opt.hyperparameters, t)
+        np.testing.assert_array_equal(p, ref_p)
+        np.testing.assert_array_equal(opt.state["exp_avg"], st["exp_avg"])
+        assert (opt.state["exp_avg"] != 0).all()
+    finally:
+        fastopt.set_flush_denormals(True)
+    with pytest.raises(TypeError):
+        fastopt.set_flush_denormals("no")

@@ -121,14 +121,14 @@ def sgd(p, g, b, _a1, _a2, k, has_b, _h1, _h2):
 
 @register_jitable
 def adam_coefs(c, dt):
-    # step_size, omb1, b2, omb2, bc2s, eps, wd, decay, maximize, use_wd, use_decay
+    # step_size, omb1, b2, omb2, inv_bc2s, eps, wd, decay, maximize, use_wd, use_decay
     return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), dt(c[4]), dt(c[5]), dt(c[6]),
             dt(c[7]), c[8] != 0, c[6] != 0, c[7] != 1)
 
 
 @register_jitable
 def adam(p, g, m, v, vmax, k, _h0, _h1, amsgrad):
-    step_size, omb1, b2, omb2, bc2s, eps, wd, decay, maximize, use_wd, use_decay = k
+    step_size, omb1, b2, omb2, inv_bc2s, eps, wd, decay, maximize, use_wd, use_decay = k
     gi = -g if maximize else g
     if use_decay:
         p = p * decay
@@ -138,9 +138,9 @@ def adam(p, g, m, v, vmax, k, _h0, _h1, amsgrad):
     vi = b2 * v + omb2 * gi * gi
     if amsgrad:
         vmax = _max(vmax, vi)
-        p = p - step_size * mi / (_sqrt(vmax) / bc2s + eps)
+        p = p - step_size * mi / (_sqrt(vmax) * inv_bc2s + eps)
     else:
-        p = p - step_size * mi / (_sqrt(vi) / bc2s + eps)
+        p = p - step_size * mi / (_sqrt(vi) * inv_bc2s + eps)
     return p, mi, vi, vmax
 
 
@@ -364,10 +364,10 @@ def entry_points(run):
         run("sgd", param, grad, momentum_buffer, None, None, c, nthreads)
 
     def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, one_minus_beta1,
-             beta2, one_minus_beta2, bias_correction2_sqrt, eps, weight_decay, decay,
+             beta2, one_minus_beta2, inv_bias_correction2_sqrt, eps, weight_decay, decay,
              maximize, nthreads):
         c = (float(step_size), float(one_minus_beta1), float(beta2), float(one_minus_beta2),
-             float(bias_correction2_sqrt), float(eps), float(weight_decay), float(decay),
+             float(inv_bias_correction2_sqrt), float(eps), float(weight_decay), float(decay),
              float(maximize))
         run("adam", param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, nthreads)
 

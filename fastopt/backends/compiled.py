@@ -37,6 +37,10 @@ rprop = _mod.rprop
 lion = _mod.lion
 
 
+set_flush_denormals = _mod.set_flush_denormals
+get_flush_denormals = _mod.get_flush_denormals
+
+
 def max_threads():
     return _mod.max_threads()
 

@@ -23,6 +23,8 @@ cdef extern from "fastopt_runtime.h" nogil:
     const char* FASTOPT_ISA
     int fastopt_max_threads()
     int fastopt_cpu_has_avx2_fma()
+    unsigned int fastopt_fpu_enter(int flush)
+    void fastopt_fpu_leave(int flush, unsigned int saved)
 
 # Below this many elements a call runs on the calling thread: starting a
 # parallel region costs more than the work.
@@ -34,6 +36,21 @@ cdef enum RuleId:
 
 HAVE_OPENMP = bool(FASTOPT_HAVE_OPENMP)
 ISA = FASTOPT_ISA.decode()
+
+
+# Subnormal inputs and results flush to zero inside the kernels (FTZ|DAZ on each
+# thread, restored afterwards) unless switched off: the IEEE result then differs
+# only where a value is below the normal range (< 1.2e-38 in float32).
+cdef int _flush_denormals = 1
+
+
+def set_flush_denormals(bint on):
+    global _flush_denormals
+    _flush_denormals = on
+
+
+def get_flush_denormals():
+    return bool(_flush_denormals)
 
 
 def cpu_has_avx2_fma():
@@ -63,8 +80,10 @@ cdef inline floating _abs(floating x) noexcept nogil:
 
 
 cdef inline floating _max(floating a, floating b) noexcept nogil:
-    # torch.maximum / amax: NaN in either operand gives NaN
-    return a if (a > b or a != a) else b
+    # torch.maximum / amax: NaN in either operand gives NaN. Bitwise | (not `or`):
+    # no short-circuit branch, so the loops around it vectorise (compare + blend)
+    cdef bint take_a = (a > b) | (a != a)
+    return a if take_a else b
 
 
 cdef inline floating _sign(floating x) noexcept nogil:
@@ -112,11 +131,13 @@ cdef void _adam_chunk(floating* p, const floating* g, floating* m, floating* v,
                       floating* vmax, const double* c, Py_ssize_t lo,
                       Py_ssize_t hi) noexcept nogil:
     cdef floating step_size = <floating>c[0], omb1 = <floating>c[1]
-    cdef floating b2 = <floating>c[2], omb2 = <floating>c[3], bc2s = <floating>c[4]
+    cdef floating b2 = <floating>c[2], omb2 = <floating>c[3], inv_bc2s = <floating>c[4]
     cdef floating eps = <floating>c[5], wd = <floating>c[6], decay = <floating>c[7]
     cdef bint maximize = c[8] != 0, use_wd = c[6] != 0, use_decay = c[7] != 1
     cdef Py_ssize_t i
     cdef floating gi, mi, vi, vm
+    # 1/√bc2 is a multiplier, computed once in float64: one division per element
+    # fewer than √v/√bc2 (the divider, not memory, bounds Adam in cache: 1.5x)
     if vmax == NULL:
         for i in range(lo, hi):
             gi = -g[i] if maximize else g[i]
@@ -128,7 +149,7 @@ cdef void _adam_chunk(floating* p, const floating* g, floating* m, floating* v,
             vi = b2 * v[i] + omb2 * gi * gi
             m[i] = mi
             v[i] = vi
-            p[i] = p[i] - step_size * mi / (_sqrt(vi) / bc2s + eps)
+            p[i] = p[i] - step_size * mi / (_sqrt(vi) * inv_bc2s + eps)
     else:
         for i in range(lo, hi):
             gi = -g[i] if maximize else g[i]
@@ -142,7 +163,7 @@ cdef void _adam_chunk(floating* p, const floating* g, floating* m, floating* v,
             m[i] = mi
             v[i] = vi
             vmax[i] = vm
-            p[i] = p[i] - step_size * mi / (_sqrt(vm) / bc2s + eps)
+            p[i] = p[i] - step_size * mi / (_sqrt(vm) * inv_bc2s + eps)
 
 
 cdef void _adagrad_chunk(floating* p, const floating* g, floating* s, floating* unused1,
@@ -161,12 +182,11 @@ cdef void _adagrad_chunk(floating* p, const floating* g, floating* s, floating* 
         p[i] = p[i] - clr * gi / (_sqrt(si) + eps)
 
 
-cdef void _rmsprop_chunk(floating* p, const floating* g, floating* v, floating* b,
-                         floating* ga, const double* c, Py_ssize_t lo,
-                         Py_ssize_t hi) noexcept nogil:
-    cdef floating lr = <floating>c[0], alpha = <floating>c[1], oma = <floating>c[2]
-    cdef floating eps = <floating>c[3], wd = <floating>c[4], mom = <floating>c[5]
-    cdef bint maximize = c[6] != 0, use_wd = c[4] != 0
+cdef inline void _rmsprop_loop(floating* p, const floating* g, floating* v, floating* b,
+                               floating* ga, floating lr, floating alpha, floating oma,
+                               floating eps, floating wd, floating mom, bint maximize,
+                               bint use_wd, bint has_b, bint has_ga, Py_ssize_t lo,
+                               Py_ssize_t hi) noexcept nogil:
     cdef Py_ssize_t i
     cdef floating gi, vi, gai, avg, bi
     for i in range(lo, hi):
@@ -175,18 +195,39 @@ cdef void _rmsprop_chunk(floating* p, const floating* g, floating* v, floating* 
             gi = gi + wd * p[i]
         vi = alpha * v[i] + oma * gi * gi
         v[i] = vi
-        if ga != NULL:
+        if has_ga:
             gai = ga[i] + oma * (gi - ga[i])
             ga[i] = gai
             avg = _sqrt(vi - gai * gai) + eps
         else:
             avg = _sqrt(vi) + eps
-        if b != NULL:
+        if has_b:
             bi = mom * b[i] + gi / avg
             b[i] = bi
             p[i] = p[i] - lr * bi
         else:
             p[i] = p[i] - lr * gi / avg
+
+
+cdef void _rmsprop_chunk(floating* p, const floating* g, floating* v, floating* b,
+                         floating* ga, const double* c, Py_ssize_t lo,
+                         Py_ssize_t hi) noexcept nogil:
+    cdef floating lr = <floating>c[0], alpha = <floating>c[1], oma = <floating>c[2]
+    cdef floating eps = <floating>c[3], wd = <floating>c[4], mom = <floating>c[5]
+    cdef bint maximize = c[6] != 0, use_wd = c[4] != 0
+    # one loop per buffer set, the flags constant inside each: every variant vectorises
+    if b == NULL and ga == NULL:
+        _rmsprop_loop(p, g, v, b, ga, lr, alpha, oma, eps, wd, mom, maximize, use_wd,
+                      False, False, lo, hi)
+    elif ga == NULL:
+        _rmsprop_loop(p, g, v, b, ga, lr, alpha, oma, eps, wd, mom, maximize, use_wd,
+                      True, False, lo, hi)
+    elif b == NULL:
+        _rmsprop_loop(p, g, v, b, ga, lr, alpha, oma, eps, wd, mom, maximize, use_wd,
+                      False, True, lo, hi)
+    else:
+        _rmsprop_loop(p, g, v, b, ga, lr, alpha, oma, eps, wd, mom, maximize, use_wd,
+                      True, True, lo, hi)
 
 
 cdef void _adadelta_chunk(floating* p, const floating* g, floating* v, floating* u,
@@ -370,8 +411,12 @@ cdef inline void _chunk(RuleId rule, floating* p, const floating* g, floating* s
 cdef void _run(RuleId rule, floating* p, const floating* g, floating* s0, floating* s1,
                floating* s2, const double* c, Py_ssize_t n, int nthreads) noexcept nogil:
     cdef Py_ssize_t chunk, nchunks, k, lo, hi
+    cdef int flush = _flush_denormals
+    cdef unsigned int saved
     if nthreads <= 1 or n < PARALLEL_MIN or not FASTOPT_HAVE_OPENMP:
+        saved = fastopt_fpu_enter(flush)
         _chunk(rule, p, g, s0, s1, s2, c, 0, n)
+        fastopt_fpu_leave(flush, saved)
         return
     chunk = ((n + nthreads - 1) // nthreads + 15) & ~(<Py_ssize_t>15)
     nchunks = (n + chunk - 1) // chunk
@@ -380,7 +425,9 @@ cdef void _run(RuleId rule, floating* p, const floating* g, floating* s0, floati
         hi = lo + chunk
         if hi > n:
             hi = n
+        saved = fastopt_fpu_enter(flush)  # each worker has its own MXCSR
         _chunk(rule, p, g, s0, s1, s2, c, lo, hi)
+        fastopt_fpu_leave(flush, saved)
 
 
 # --------------------------------------------------------------------------
@@ -465,10 +512,10 @@ def sgd(floating[::1] param, const floating[::1] grad, floating[::1] momentum_bu
 def adam(floating[::1] param, const floating[::1] grad, floating[::1] exp_avg,
          floating[::1] exp_avg_sq, floating[::1] max_exp_avg_sq, double step_size,
          double one_minus_beta1, double beta2, double one_minus_beta2,
-         double bias_correction2_sqrt, double eps, double weight_decay, double decay,
+         double inv_bias_correction2_sqrt, double eps, double weight_decay, double decay,
          bint maximize, int nthreads):
     cdef double c[9]
-    c[:] = [step_size, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt,
+    c[:] = [step_size, one_minus_beta1, beta2, one_minus_beta2, inv_bias_correction2_sqrt,
             eps, weight_decay, decay, maximize]
     _launch(R_ADAM, "Adam", _ADAM, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c,
             nthreads)
