@@ -56,7 +56,10 @@ def _byte_range(arr):
     if isinstance(arr, np.ndarray):
         lo, hi = np.byte_bounds(arr) if hasattr(np, "byte_bounds") else np.lib.array_utils.byte_bounds(arr)
         return lo, hi
-    ptr = arr.__cuda_array_interface__["data"][0]
+    # device arrays; Numba's simulator arrays carry only the host interface
+    iface = (getattr(arr, "__cuda_array_interface__", None)
+             or getattr(arr, "__array_interface__", None))
+    ptr = iface["data"][0]
     return ptr, ptr + arr.shape[0] * np.dtype(arr.dtype).itemsize
 
 

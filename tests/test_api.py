@@ -248,7 +248,7 @@ def test_unknown_attribute_and_step_count_are_protected():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_checkpoint_resume_is_bitwise(backend, tmp_path, name, dtype):
     hp = combos(name)[-1]  # the case with the most flags on
-    n, k, total = 1031, 7, 15
+    n, k, total = backend.lengths((1031,))[-1], 7, 15
     steps = list(grads(n, total, dtype))
     straight = getattr(fastopt, name)(backend.asarray(initial_param(n, dtype)), **hp, **backend.kw())
     for g in steps:
@@ -375,17 +375,16 @@ def test_checkpoint_has_no_pickle(tmp_path):
 # Threads, instruction sets, in-place updates, empty buffers
 # --------------------------------------------------------------------------
 
+@pytest.mark.parametrize("cpu_backend", ["cython", "numba"])  # threads: CPU backends only
 @pytest.mark.parametrize("name", list(RULES))
-def test_thread_counts_give_identical_bits(backend, name):
-    if backend.is_cuda:
-        pytest.skip("thread count applies to the CPU backends")
+def test_thread_counts_give_identical_bits(cpu_backend, name):
     n = 100003  # above the parallel threshold, not a multiple of the vector width
     hp = combos(name)[-1]
     results = []
     for threads in (1, 2):
         fastopt.set_num_threads(threads)
         try:
-            opt = getattr(fastopt, name)(initial_param(n, F32), **hp, **backend.kw())
+            opt = getattr(fastopt, name)(initial_param(n, F32), **hp, backend=cpu_backend)
             for g in grads(n, 5, F32):
                 opt.step(g)
             results.append(opt.param.copy())

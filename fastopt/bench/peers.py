@@ -106,7 +106,7 @@ def np_sgd(p, g, b, _u1, _u2, lr, wd, decay, mom, omd, nesterov, first, maximize
     p -= t1
 
 
-def np_adam(p, g, m, v, vmax, step_size, omb1, b2, omb2, bc2s, eps, wd, decay, maximize,
+def np_adam(p, g, m, v, vmax, step_size, omb1, b2, omb2, inv_bc2s, eps, wd, decay, maximize,
             tmp):
     t1 = tmp[1]
     if decay != 1.0:
@@ -118,7 +118,7 @@ def np_adam(p, g, m, v, vmax, step_size, omb1, b2, omb2, bc2s, eps, wd, decay, m
         np.maximum(vmax, v, out=vmax)
         v = vmax
     np.sqrt(v, out=t1)
-    t1 /= bc2s
+    t1 *= inv_bc2s
     t1 += eps
     np.divide(m, t1, out=t1)
     t1 *= step_size
