@@ -223,11 +223,12 @@ def _overhead_md(sc):
     b = sc.get("breakdown_adam_float32_n1", {})
     if "opt_step_s" in b:
         out += ["", "Where one `fastopt.Adam(...).step(g)` on 1 float32 element spends its "
-                f"time: `opt.step` {fmt_time(b['opt_step_s'])} = compiled kernel entry "
+                f"time: `opt.step` {fmt_time(b['opt_step_s'])} = bound compiled kernel "
                 f"{fmt_time(b['compiled_kernel_call_s'])} + Python layer "
                 f"{fmt_time(b['python_layer_s'])} (of which `Rule.plan` "
-                f"{fmt_time(b['plan_s'])}); an empty Python call costs "
-                f"{fmt_time(b['empty_python_call_s'])}."]
+                f"{fmt_time(b['plan_s'])}); the generic entry point, which acquires every "
+                f"buffer per call, costs {fmt_time(b.get('generic_entry_call_s', float('nan')))}; "
+                f"an empty Python call {fmt_time(b['empty_python_call_s'])}."]
     out.append("")
     return out
 
