@@ -8,8 +8,9 @@ returns the rule's new scalar state as a dict (``{"mu_product": ...}`` for NAdam
 ``{"eta": ..., "mu": ...}`` for ASGD, ``{}`` otherwise). Scalar state is passed back
 in by keyword on the next call; on the first step it may be left out.
 
-Every call validates all of its arguments; the optimizer classes validate once
-and then go straight to the kernel (``run_kernel``), which is the same kernel call.
+Every call validates all of its arguments, then computes the per-step scalars
+(``Rule.plan``) and calls the backend's kernel. The optimizer classes run the same
+plan and the same kernel, bound to their buffers once (``backends.bind``).
 """
 
 from __future__ import annotations
@@ -21,27 +22,6 @@ from fastopt._checks import check_buffers, check_step, coerce
 from fastopt.rules import RULES, Rule
 
 __all__ = [rule.name.lower() for rule in RULES.values()]
-
-
-def run_kernel(kernel, rule: Rule, param, grad, buffers, args, backend):
-    """The kernel call shared by the functional API and the classes.
-
-    On a refusal, explain it: find the argument at fault and raise a message that
-    names it. Objects that are not yet arrays (a CPU tensor, a buffer) are
-    converted without a copy and the call is retried once. Returns the grad
-    array actually used.
-    """
-    nthreads = backends.num_threads()
-    try:
-        kernel(param, grad, *buffers, *args, nthreads)
-        return grad
-    except (TypeError, ValueError, BufferError):
-        names = ("param", "grad") + tuple(b.name for b in rule.buffers)
-        grad = coerce("grad", grad, backend)
-        check_buffers(names, (param, grad) + tuple(buffers))
-    # the arguments are fine once converted: a second refusal is a real error
-    kernel(param, grad, *buffers, *args, nthreads)
-    return grad
 
 
 def _make(rule: Rule):
@@ -95,8 +75,8 @@ def _make(rule: Rule):
         check_buffers(("param", "grad") + tuple(b.name for b in rule.buffers),
                       [param, grad] + buffers)
         plan_args, new_scalars = rule.plan(hp, t, scalars, False)
-        run_kernel(getattr(backend, rule.kernel), rule, param, grad, buffers, plan_args,
-                   backend)
+        getattr(backend, rule.kernel)(param, grad, *buffers, *plan_args,
+                                      backends.num_threads())
         return dict(new_scalars) if rule.scalars else {}
 
     step_fn.__name__ = step_fn.__qualname__ = rule.name.lower()

@@ -26,7 +26,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["Hyper", "Buffer", "Rule", "RULES", "get_rule"]
+__all__ = ["Hyper", "Buffer", "Rule", "RULES", "KERNELS", "get_rule"]
 
 
 # ---------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def _decoupled(default: bool) -> Hyper:
 # ---------------------------------------------------------------------------
 
 def _plan_sgd(hp, t, scalars, fresh, decoupled=False):
-    wd, decay = _weight_decay_split(hp, decoupled or hp.get("decoupled_weight_decay", False))
+    wd, decay = _weight_decay_split(hp, decoupled)
     # torch starts the buffer at g (no dampening) the first time it exists
     first = 1 if (t == 1 or fresh) else 0
     return (hp["lr"], wd, decay, hp["momentum"], 1.0 - hp["dampening"],
@@ -343,7 +343,7 @@ def _plan_lion(hp, t, scalars, fresh):
 # The rows
 # ---------------------------------------------------------------------------
 
-def _sgd_hypers(decoupled_default: bool | None):
+def _sgd_hypers():
     hs = [LR(1e-3), Hyper("momentum", 0.0, check=_momentum, doc="momentum μ"),
           Hyper("dampening", 0.0, check=_finite("dampening"), doc="dampening τ"),
           WD(), Hyper("nesterov", False, kind="flag", doc="Nesterov momentum"), MAXIMIZE]
@@ -376,7 +376,7 @@ def _add(rule: Rule) -> None:
 
 
 _add(Rule(
-    "SGD", "sgd", _sgd_hypers(None),
+    "SGD", "sgd", _sgd_hypers(),
     (Buffer("momentum_buffer", needed=_has_momentum),),
     _plan_sgd, _SGD_BYTES,
     paper="Robbins & Monro 1951; momentum: Polyak 1964; Nesterov: Sutskever et al. 2013",
@@ -384,7 +384,7 @@ _add(Rule(
     validate=_sgd_validate))
 
 _add(Rule(
-    "SGDW", "sgd", _sgd_hypers(True),
+    "SGDW", "sgd", _sgd_hypers(),
     (Buffer("momentum_buffer", needed=_has_momentum),),
     lambda hp, t, s, f: _plan_sgd(hp, t, s, f, decoupled=True), _SGD_BYTES,
     paper="Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization",
@@ -492,6 +492,10 @@ _add(Rule(
     paper="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms",
     update="θ ← θ(1 − γλ); θ ← θ − γ·sign(β1m + (1−β1)g); m ← β2m + (1−β2)g",
     in_torch=False))
+
+
+# The kernels every backend implements, one per distinct Rule.kernel
+KERNELS: tuple[str, ...] = tuple(dict.fromkeys(rule.kernel for rule in RULES.values()))
 
 
 def get_rule(name: str) -> Rule:

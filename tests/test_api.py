@@ -589,3 +589,10 @@ def test_flush_denormals_and_caller_state(n):
         fastopt.set_flush_denormals(True)
     with pytest.raises(TypeError):
         fastopt.set_flush_denormals("no")
+
+
+def test_every_backend_has_every_registry_kernel(backend):
+    from fastopt.rules import KERNELS
+    assert len(KERNELS) == 11
+    for name in KERNELS:
+        assert callable(getattr(backend.module, name)), name

@@ -10,6 +10,7 @@ the kernels are compiled without FMA contraction.
 import os
 
 from fastopt.backends._host import as_array, copy_from_host, full, to_host  # noqa: F401
+from fastopt.rules import KERNELS
 from fastopt.kernels import _baseline
 
 _mod = _baseline
@@ -24,17 +25,8 @@ ISA = _mod.ISA
 HAVE_OPENMP = _mod.HAVE_OPENMP
 module = _mod
 
-sgd = _mod.sgd
-adam = _mod.adam
-adagrad = _mod.adagrad
-rmsprop = _mod.rmsprop
-adadelta = _mod.adadelta
-adamax = _mod.adamax
-nadam = _mod.nadam
-radam = _mod.radam
-asgd = _mod.asgd
-rprop = _mod.rprop
-lion = _mod.lion
+# one kernel per registry name: sgd, adam, ... (fastopt.rules.KERNELS)
+globals().update({name: getattr(_mod, name) for name in KERNELS})
 
 
 set_flush_denormals = _mod.set_flush_denormals

@@ -20,6 +20,7 @@ from numba import njit, prange
 from numba.extending import register_jitable
 
 from fastopt.backends import _numba_math as M
+from fastopt.rules import KERNELS
 from fastopt.backends._host import as_array, copy_from_host, full, to_host  # noqa: F401
 
 NAME = "numba"
@@ -201,15 +202,6 @@ def _run(kernel, param, grad, s0, s1, s2, c, nthreads):
 # Entry points, with rules.pxi's signatures.
 # --------------------------------------------------------------------------
 
+# one kernel per registry name: sgd, adam, ... (fastopt.rules.KERNELS)
 _entry = M.entry_points(_run)
-sgd = _entry["sgd"]
-adam = _entry["adam"]
-adagrad = _entry["adagrad"]
-rmsprop = _entry["rmsprop"]
-adadelta = _entry["adadelta"]
-adamax = _entry["adamax"]
-nadam = _entry["nadam"]
-radam = _entry["radam"]
-asgd = _entry["asgd"]
-rprop = _entry["rprop"]
-lion = _entry["lion"]
+globals().update({name: _entry[name] for name in KERNELS})

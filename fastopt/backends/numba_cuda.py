@@ -24,6 +24,7 @@ import numpy as np
 from numba import cuda
 
 from fastopt.backends import _numba_math as M
+from fastopt.rules import KERNELS
 
 NAME = "cuda"
 BLOCK_SIZE = 256
@@ -286,15 +287,6 @@ def _run(kernel, param, grad, s0, s1, s2, c, nthreads):
 # Entry points, with rules.pxi's signatures (nthreads is accepted and ignored).
 # --------------------------------------------------------------------------
 
+# one kernel per registry name: sgd, adam, ... (fastopt.rules.KERNELS)
 _entry = M.entry_points(_run)
-sgd = _entry["sgd"]
-adam = _entry["adam"]
-adagrad = _entry["adagrad"]
-rmsprop = _entry["rmsprop"]
-adadelta = _entry["adadelta"]
-adamax = _entry["adamax"]
-nadam = _entry["nadam"]
-radam = _entry["radam"]
-asgd = _entry["asgd"]
-rprop = _entry["rprop"]
-lion = _entry["lion"]
+globals().update({name: _entry[name] for name in KERNELS})
