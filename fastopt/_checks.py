@@ -12,6 +12,12 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# NumPy 2 moved byte_bounds to numpy.lib.array_utils
+try:
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+except ImportError:  # NumPy < 2
+    _byte_bounds = np.byte_bounds
+
 
 def _describe(obj) -> str:
     if isinstance(obj, np.ndarray):
@@ -54,8 +60,7 @@ def check_array(name: str, arr, *, writable: bool = True):
 
 def _byte_range(arr):
     if isinstance(arr, np.ndarray):
-        lo, hi = np.byte_bounds(arr) if hasattr(np, "byte_bounds") else np.lib.array_utils.byte_bounds(arr)
-        return lo, hi
+        return _byte_bounds(arr)
     # device arrays; Numba's simulator arrays carry only the host interface
     iface = (getattr(arr, "__cuda_array_interface__", None)
              or getattr(arr, "__array_interface__", None))

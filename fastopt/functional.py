@@ -72,8 +72,7 @@ def _make(rule: Rule):
                                     f"first step (pass the value the previous call returned)")
                 value = init(hp)
             scalars[name] = float(value)
-        check_buffers(("param", "grad") + tuple(b.name for b in rule.buffers),
-                      [param, grad] + buffers)
+        check_buffers(rule.arg_names, [param, grad] + buffers)
         plan_args, new_scalars = rule.plan(hp, t, scalars, False)
         getattr(backend, rule.kernel)(param, grad, *buffers, *plan_args,
                                       backends.num_threads())

@@ -43,7 +43,6 @@ class Optimizer:
         d = self.__dict__
         d["_param"] = arr
         d["_backend"] = be
-        d["_names"] = ("param", "grad") + tuple(b.name for b in rule.buffers)
         d["_plan"] = rule.plan
         d["_hp"] = hp
         d["_scalars"] = rule.initial_scalars(hp)
@@ -63,7 +62,7 @@ class Optimizer:
             # refused before anything was written: name the culprit, or convert
             # a non-array gradient (a tensor, a buffer) and try once more
             grad = coerce("grad", grad, self._backend)
-            check_buffers(self._names, (self._param, grad) + self._bufs)
+            check_buffers(self.rule.arg_names, (self._param, grad) + self._bufs)
             self._bound.step(grad, args, _threads[0])
         d = self.__dict__
         d["_scalars"] = scalars

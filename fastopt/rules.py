@@ -168,9 +168,13 @@ class Rule:
     validate: Callable[[Mapping[str, Any]], None] = lambda hp: None
     in_torch: bool = True
     defaults: dict = field(init=False, repr=False, compare=False)
+    arg_names: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "defaults", {h.name: h.default for h in self.hypers})
+        # the kernel's array arguments, in order: for messages that name them
+        object.__setattr__(self, "arg_names",
+                           ("param", "grad") + tuple(b.name for b in self.buffers))
 
     def hyper(self, name: str) -> Hyper:
         for h in self.hypers:

@@ -43,6 +43,16 @@ def _grad(param, grad, hp, decoupled):
     return g
 
 
+def _moments(state, g, beta1, beta2):
+    """Adam's first and second moments, shared by Adam, NAdam and RAdam:
+    m ← lerp(m, g, 1 − β1), v ← β2·v + (1 − β2)·g², stored; returns (m, v)."""
+    m = lerp(state["exp_avg"], g, 1.0 - beta1)
+    v = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * g * g
+    state["exp_avg"][...] = m
+    state["exp_avg_sq"][...] = v
+    return m, v
+
+
 def sgd(param, grad, state, scalars, hp, t, decoupled=False):
     g = _grad(param, grad, hp, decoupled)
     mu = hp["momentum"]
@@ -63,10 +73,7 @@ def sgdw(param, grad, state, scalars, hp, t):
 def adam(param, grad, state, scalars, hp, t):
     beta1, beta2 = hp["betas"]
     g = _grad(param, grad, hp, hp["decoupled_weight_decay"])
-    m = lerp(state["exp_avg"], g, 1.0 - beta1)
-    v = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * g * g
-    state["exp_avg"][...] = m
-    state["exp_avg_sq"][...] = v
+    m, v = _moments(state, g, beta1, beta2)
     if hp["amsgrad"]:
         v = nan_max(state["max_exp_avg_sq"], v)
         state["max_exp_avg_sq"][...] = v
@@ -136,10 +143,7 @@ def nadam(param, grad, state, scalars, hp, t):
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
     scalars["mu_product"] *= mu
     prod = scalars["mu_product"]
-    m = lerp(state["exp_avg"], g, 1.0 - beta1)
-    v = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * g * g
-    state["exp_avg"][...] = m
-    state["exp_avg_sq"][...] = v
+    m, v = _moments(state, g, beta1, beta2)
     denom = np.sqrt(v / (1.0 - beta2 ** t)) + hp["eps"]
     param[...] = param - (lr * (1.0 - mu) / (1.0 - prod)) * g / denom
     param[...] = param - (lr * mu_next / (1.0 - prod * mu_next)) * m / denom
@@ -148,10 +152,7 @@ def nadam(param, grad, state, scalars, hp, t):
 def radam(param, grad, state, scalars, hp, t):
     beta1, beta2 = hp["betas"]
     g = _grad(param, grad, hp, hp["decoupled_weight_decay"])
-    m = lerp(state["exp_avg"], g, 1.0 - beta1)
-    v = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * g * g
-    state["exp_avg"][...] = m
-    state["exp_avg_sq"][...] = v
+    m, v = _moments(state, g, beta1, beta2)
     bc1 = 1.0 - beta1 ** t
     bc2 = 1.0 - beta2 ** t
     rho_inf = 2.0 / (1.0 - beta2) - 1.0

@@ -106,14 +106,20 @@ def np_sgd(p, g, b, _u1, _u2, lr, wd, decay, mom, omd, nesterov, first, maximize
     p -= t1
 
 
-def np_adam(p, g, m, v, vmax, step_size, omb1, b2, omb2, inv_bc2s, eps, wd, decay, maximize,
-            tmp):
-    t1 = tmp[1]
+def _adam_moments_(p, g, m, v, omb1, b2, omb2, wd, decay, maximize, tmp):
+    """Weight decay and the Adam-family moments, in place; returns the gradient used."""
     if decay != 1.0:
         p *= decay
     g = _grad(p, g, wd, maximize, tmp)
-    _lerp_(m, g, omb1, t1)
-    _ema_sq_(v, g, b2, omb2, t1)
+    _lerp_(m, g, omb1, tmp[1])
+    _ema_sq_(v, g, b2, omb2, tmp[1])
+    return g
+
+
+def np_adam(p, g, m, v, vmax, step_size, omb1, b2, omb2, inv_bc2s, eps, wd, decay, maximize,
+            tmp):
+    t1 = tmp[1]
+    g = _adam_moments_(p, g, m, v, omb1, b2, omb2, wd, decay, maximize, tmp)
     if vmax is not None:
         np.maximum(vmax, v, out=vmax)
         v = vmax
@@ -191,11 +197,7 @@ def np_adamax(p, g, m, u, _u, clr, omb1, b2, eps, wd, maximize, tmp):
 def np_nadam(p, g, m, v, _u, gcoef, mcoef, omb1, b2, omb2, bc2, eps, wd, decay, maximize,
              tmp):
     t1, t3 = tmp[1], tmp[3]
-    if decay != 1.0:
-        p *= decay
-    g = _grad(p, g, wd, maximize, tmp)
-    _lerp_(m, g, omb1, t1)
-    _ema_sq_(v, g, b2, omb2, t1)
+    g = _adam_moments_(p, g, m, v, omb1, b2, omb2, wd, decay, maximize, tmp)
     np.divide(v, bc2, out=t1)
     np.sqrt(t1, out=t1)
     t1 += eps                    # denom
@@ -210,11 +212,7 @@ def np_nadam(p, g, m, v, _u, gcoef, mcoef, omb1, b2, omb2, bc2, eps, wd, decay, 
 def np_radam(p, g, m, v, _u, lr, bc1, bc2s, rect, rectified, omb1, b2, omb2, eps, wd,
              decay, maximize, tmp):
     t1 = tmp[1]
-    if decay != 1.0:
-        p *= decay
-    g = _grad(p, g, wd, maximize, tmp)
-    _lerp_(m, g, omb1, t1)
-    _ema_sq_(v, g, b2, omb2, t1)
+    g = _adam_moments_(p, g, m, v, omb1, b2, omb2, wd, decay, maximize, tmp)
     if rectified:
         np.sqrt(v, out=t1)
         t1 += eps
