@@ -42,6 +42,14 @@ def get_flush_denormals() -> bool:
     return _backends.available("cython") and _backends.load("cython").get_flush_denormals()
 
 
+def __getattr__(name):
+    # fastopt.torch needs torch: imported on first use, not with fastopt
+    if name == "torch":
+        import importlib
+        return importlib.import_module("fastopt.torch")
+    raise AttributeError(f"module 'fastopt' has no attribute {name!r}")
+
+
 def backend() -> str:
     """The backend a default call on a host array uses: 'cython' or 'numba'."""
     return _backends.DEFAULT.NAME

@@ -167,6 +167,8 @@ class Rule:
     scalars: tuple[tuple[str, Callable[[Mapping[str, Any]], float]], ...] = ()
     validate: Callable[[Mapping[str, Any]], None] = lambda hp: None
     in_torch: bool = True
+    # torch keeps a per-parameter 'step' in this rule's state (its SGD does not)
+    step_in_state: bool = True
     defaults: dict = field(init=False, repr=False, compare=False)
     arg_names: tuple = field(init=False, repr=False, compare=False)
 
@@ -385,7 +387,7 @@ _add(Rule(
     _plan_sgd, _SGD_BYTES,
     paper="Robbins & Monro 1951; momentum: Polyak 1964; Nesterov: Sutskever et al. 2013",
     update="b ← μb + (1−τ)g; g ← g + μb (nesterov) or b; θ ← θ − γg",
-    validate=_sgd_validate))
+    validate=_sgd_validate, step_in_state=False))
 
 _add(Rule(
     "SGDW", "sgd", _sgd_hypers(),
@@ -393,7 +395,7 @@ _add(Rule(
     lambda hp, t, s, f: _plan_sgd(hp, t, s, f, decoupled=True), _SGD_BYTES,
     paper="Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization",
     update="θ ← θ(1 − γλ); then SGD with momentum",
-    validate=_sgd_validate, in_torch=False))
+    validate=_sgd_validate, in_torch=False, step_in_state=False))
 
 _add(Rule(
     "Adam", "adam", _ADAM_HYPERS(1e-3, 0.0, False), _ADAM_BUFFERS, _plan_adam, _ADAM_BYTES,
