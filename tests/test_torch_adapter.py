@@ -39,10 +39,14 @@ DTYPES = {"f32": torch.float32, "f64": torch.float64}
 
 # Normwise relative deviation max|a-b|/max|b| allowed between fastopt.torch and
 # torch.optim (or the test's reference for SGDW/Lion) over a whole training run.
-# Measured on this model (see the record() summary at the end of a run): float64
-# stays within ~1e-12 over 60 steps; float32 within ~1e-4. The margins (x10-x100)
-# cover other CPUs' summation orders in the conv kernels, not the optimizer.
-TOL = {torch.float32: 2e-3, torch.float64: 1e-8}
+# Measured on this model and machine (the record() summary at the end of a run),
+# largest over all rules, losses and final parameters: float32 7.2e-7 (RMSprop),
+# float64 9.4e-16 (SGD): a few ulps, the training amplifies the per-step last-bit
+# differences only mildly over 60 steps. Rprop and Lion (sign-based) come out
+# bitwise equal. The margins (x28 in float32, x100 in float64) leave room for other
+# CPUs' conv kernels; a wrong term in any update (a missed bias correction, decay on
+# the wrong group, a stale learning rate) moves the result by >1e-4.
+TOL = {torch.float32: 2e-5, torch.float64: 1e-13}
 
 # Representative hyperparameters per rule: every buffer in use, the flags that change
 # the math switched on, learning rates from tests/cases.py.
@@ -645,6 +649,9 @@ def test_state_dict_has_torchs_structure(name):
             o = ours[k]
             if torch.is_tensor(v) != torch.is_tensor(o):
                 problems.append(f"state[{i}][{k!r}] is {type(o).__name__}, torch {type(v).__name__}")
+            elif torch.is_tensor(v) and o.shape == v.shape == () and k != "step" and \
+                    (o.dtype, v.dtype) == (torch.float64, torch.float32):
+                pass  # fastopt keeps per-step scalars (mu_product, eta, mu) in float64
             elif torch.is_tensor(v) and (o.shape, o.dtype) != (v.shape, v.dtype):
                 problems.append(f"state[{i}][{k!r}] {tuple(o.shape)} {o.dtype} vs torch "
                                 f"{tuple(v.shape)} {v.dtype}")
@@ -684,15 +691,14 @@ def test_named_parameters_as_in_torch():
 # ---------------------------------------------------------------------------
 
 def assert_packed(tensors, what):
-    """Views of one storage, in order, without overlap."""
+    """Views of one storage without overlap (in any order: the adapter may put
+    frozen parameters last)."""
     base = tensors[0].untyped_storage().data_ptr()
-    end = None
-    for t in tensors:
+    end = base
+    for t in sorted(tensors, key=lambda t: t.data_ptr()):
         assert t.untyped_storage().data_ptr() == base, f"{what}: not one storage"
-        start = t.data_ptr()
-        if end is not None:
-            assert start >= end, f"{what}: overlapping or out of order"
-        end = start + t.numel() * t.element_size()
+        assert t.data_ptr() >= end, f"{what}: overlapping slices"
+        end = t.data_ptr() + t.numel() * t.element_size()
     assert end <= base + tensors[0].untyped_storage().nbytes()
 
 
