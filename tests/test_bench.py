@@ -265,3 +265,68 @@ def test_console_entry_point():
     r = subprocess.run([sys.executable, "-m", "fastopt", "bench", "--rules", "Nope"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "unknown rule" in r.stderr
+
+
+TINY_TORCH_MODELS = (("tiny-a", 16, 64, 16), ("tiny-b", 24, 96, 16))
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_torch_model_scenario(monkeypatch, mode):
+    pytest.importorskip("torch")
+    from fastopt.bench import scenarios
+    monkeypatch.setattr(scenarios, "TORCH_MODELS", TINY_TORCH_MODELS)
+    cfg = runner.Config(mode=mode, repeats=1, warmup=1, target_sample_s=2e-4)
+    res = scenarios.scenario_torch_model(cfg, 1, {}, np.random.default_rng(0))
+    # --quick times the first (1M) model only
+    want = TINY_TORCH_MODELS[:1] if mode == "quick" else TINY_TORCH_MODELS
+    assert [r["model"] for r in res["cases"]] == [f"transformer {m[0]}" for m in want]
+    import math
+    for r, (_, d, vocab, ctx) in zip(res["cases"], want):
+        shapes = scenarios.transformer_shapes(d=d, vocab=vocab, ctx=ctx)
+        assert r["tensors"] == len(shapes) == 132
+        assert r["n"] == sum(math.prod(s) for s in shapes)
+        assert r["rule"] == "AdamW" and r["dtype"] == "float32"
+        assert r["bytes_per_element"] == 28
+        assert set(r["results"]) == set(scenarios.TORCH_MODEL_PEERS)
+        for peer, x in r["results"].items():
+            assert x["status"] == "ok", (peer, x)
+            assert x["median_s"] > 0 and x["gbps"] > 0
+        assert set(r["speedup"]) == set(scenarios.TORCH_MODEL_PEERS) - {"fastopt_torch"}
+        for peer, ratio in r["speedup"].items():
+            assert ratio == pytest.approx(r["results"][peer]["median_s"]
+                                          / r["results"]["fastopt_torch"]["median_s"])
+    doc = {"cases": [], "scenarios": {"torch_model": res}}
+    md = report._torch_model_md(res)
+    assert "fastopt.torch" in md[0] and any("transformer tiny-a" in line for line in md)
+    assert not [g for g in report.evaluate_goals(doc) if "torch model" in g["goal"]]
+
+
+def test_torch_model_peers_do_the_same_work():
+    """fastopt.torch's steady-state step, its gather step and torch's AdamW flavours
+    compute the same update on the scenario's parameters."""
+    torch = pytest.importorskip("torch")
+    from fastopt.bench import scenarios
+    shapes = scenarios.transformer_shapes(d=16, vocab=64, ctx=16)
+    params = scenarios.torch_model_params(shapes, np.random.default_rng(0))
+    hp = {"lr": 1e-2, "weight_decay": 0.1}
+    out = {}
+    for peer in ("fastopt_torch", "fastopt_torch_gather", "torch_fused", "torch_default",
+                 "torch_foreach"):
+        step, holder = scenarios.make_torch_model_step(peer, params, hp)
+        for _ in range(3 if peer.startswith("fastopt") else 4):  # fastopt's made one
+            step()
+        out[peer] = torch.cat([p.detach().reshape(-1) for g in holder.param_groups
+                               for p in g["params"]])
+    before = torch.cat([p.detach().reshape(-1) for p in params])
+    assert not torch.equal(out["fastopt_torch"], before)
+    for peer, v in out.items():
+        torch.testing.assert_close(v, out["torch_default"], rtol=1e-5, atol=1e-6, msg=peer)
+
+
+def test_torch_model_scenario_without_torch(monkeypatch):
+    from fastopt.bench import scenarios
+    monkeypatch.setitem(sys.modules, "torch", None)
+    cfg = runner.Config(mode="quick", repeats=1, warmup=1, target_sample_s=2e-4)
+    res = scenarios.scenario_torch_model(cfg, 1, {}, np.random.default_rng(0))
+    assert res["cases"] == [] and "torch is not installed" in res["skipped"]
+    assert "torch is not installed" in "\n".join(report._torch_model_md(res))

@@ -171,6 +171,8 @@ def markdown(doc) -> str:
         out += _threads_md(sc["threads"])
     if "denormal" in sc:
         out += _denormal_md(sc["denormal"])
+    if "torch_model" in sc:
+        out += _torch_model_md(sc["torch_model"])
     if doc.get("goals"):
         out += ["## Performance goals (issue 4)", ""]
         rows = [[g["goal"], g["target"], g["measured_text"],
@@ -248,6 +250,36 @@ def _model_md(sc):
                           if r["results"].get("fastopt", {}).get("status") == "ok" else "–"]
                        for r in rows]))
     out.append("")
+    return out
+
+
+TORCH_MODEL_GOALS = {"transformer 1M": 2.0, "transformer 20M": 1.0}
+
+
+def _torch_model_md(sc):
+    if "error" in sc:
+        return _error_md("torch model", sc)
+    if not sc.get("cases"):
+        return ["## torch model", "", sc.get("skipped", "no cases"), ""]
+    from fastopt.bench.scenarios import TORCH_MODEL_LABELS, TORCH_MODEL_PEERS
+    rows = sc["cases"]
+    peers = _peers_present(rows, candidates=TORCH_MODEL_PEERS)
+    out = ["## torch model: a whole-model step() of fastopt.torch.AdamW vs torch.optim.AdamW "
+           "(float32; fastopt.torch's speedup over each peer in parentheses)", ""]
+    out.append(_table(
+        ["model", "tensors", "parameters"] + [TORCH_MODEL_LABELS.get(p, p) for p in peers]
+        + ["fastopt.torch GB/s"],
+        [[r["model"], r["tensors"], fmt_n(r["n"])]
+         + [_cell(r["results"], p, base="fastopt_torch", show_ratio=p != "grad_assign")
+            for p in peers]
+         + [f"{r['results']['fastopt_torch']['gbps']:.1f}"
+            if r["results"].get("fastopt_torch", {}).get("status") == "ok" else "–"]
+         for r in rows]))
+    out += ["", "Every peer steps its own copy of the same parameters (separate tensors, as a "
+            "model has them). \"fresh grads (gather)\": before each step every `p.grad` is "
+            "replaced by a new tensor, as `model.zero_grad()` + `backward()` leave them; the "
+            "step then copies them into fastopt's flat gradient buffer. \"p.grad = g only\" is "
+            "the cost of that assignment loop alone, included in the gather figure.", ""]
     return out
 
 
@@ -359,6 +391,14 @@ def evaluate_goals(doc) -> list:
                            f"{fmt_n(row['n'])}): FlatParams vs torch fused", "≥ 2×", v,
                            v is not None and v >= 2.0, None if v is None else f"{v:.2f}×",
                            _ceiling(doc, row, "torch_fused")))
+    for row in doc.get("scenarios", {}).get("torch_model", {}).get("cases", []):
+        target = TORCH_MODEL_GOALS.get(row["model"])
+        if target is None:
+            continue
+        v = row["speedup"].get("torch_fused")
+        goals.append(_goal(f"torch model, {row['model']} ({row['tensors']} tensors): "
+                           "fastopt.torch.AdamW vs torch fused", f"≥ {target}×", v,
+                           v is not None and v >= target, None if v is None else f"{v:.2f}×"))
     big = [c for c in doc["cases"] if c["rule"] == "Adam" and c["dtype"] == "float32"
            and c["n"] >= 1_000_000 and "results" in c and "numpy" in c["speedup"]]
     if big:

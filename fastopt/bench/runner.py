@@ -26,7 +26,7 @@ FULL_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 4_000_0
               16_000_000, 64_000_000)
 QUICK_SIZES = (1_000, 100_000, 1_000_000, 16_000_000)
 QUICK_RULES = ("Adam", "SGD", "Adagrad")
-SCENARIOS = ("overhead", "model", "threads", "denormal")
+SCENARIOS = ("overhead", "model", "threads", "denormal", "torch_model")
 
 # How the benchmark sets hyperparameters: the rule's defaults (torch's) except where
 # the default leaves work out. SGD is benchmarked with momentum=0.9, the way it is
@@ -388,7 +388,8 @@ def run(cfg: Config, argv=None) -> dict:
         hp = P.hyperparameters(r, cfg.hypers.get(r))
         return max(1e6, rule.bytes_per_element(hp, np.dtype(d).itemsize) * n) / 1e6
 
-    scen_cost = {"overhead": 40, "model": 400, "threads": 600, "denormal": 400}
+    scen_cost = {"overhead": 40, "model": 400, "threads": 600, "denormal": 400,
+                 "torch_model": 300}
     total = (sum(cost(r, d, n) for r, d, n, _ in grid) + 50 * len(threads)
              + sum(scen_cost[s] for s in cfg.scenarios))
     bar = Progress(total, cfg.progress)

@@ -317,3 +317,114 @@ def scenario_denormal(cfg, nthreads, roofs, rng, bar=None):
         del steps, holders, data
         gc.collect()
     return {"cases": rows, "limit": 1.2}
+
+
+# ---------------------------------------------------------------------------
+# fastopt.torch on a whole model
+# ---------------------------------------------------------------------------
+
+# (label, width d, vocabulary, context): GPT-style decoders of 8 layers, 132 tensors
+TORCH_MODELS = (("1M", 96, 1024, 128), ("20M", 432, 4096, 256))
+TORCH_MODEL_PEERS = ("fastopt_torch", "fastopt_torch_gather", "grad_assign", "torch_fused",
+                     "torch_default", "torch_foreach")
+TORCH_MODEL_LABELS = {
+    "fastopt_torch": "fastopt.torch",
+    "fastopt_torch_gather": "fastopt.torch, fresh grads (gather)",
+    "grad_assign": "p.grad = g only",
+    "torch_fused": "torch fused",
+    "torch_default": "torch default (foreach=None)",
+    "torch_foreach": "torch foreach=True",
+}
+
+
+def torch_model_params(shapes, rng):
+    """nn.Parameters of the given shapes with gradients set, as after backward()."""
+    import torch
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.from_numpy(rng.random(s, dtype=np.float32) - 0.5))
+        p.grad = torch.from_numpy((rng.random(s, dtype=np.float32) - 0.5) * 2e-2)
+        params.append(p)
+    return params
+
+
+def _clone_params(params):
+    import torch
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def make_torch_model_step(peer, params, hp):
+    """(step, holder) for one peer over its own copy of ``params``."""
+    import torch
+    import fastopt.torch as fot
+    ps = _clone_params(params)
+    if peer == "grad_assign":
+        fresh = [p.grad.clone() for p in ps]
+
+        def assign():
+            for p, g in zip(ps, fresh):
+                p.grad = g
+        return assign, ps
+    if peer.startswith("fastopt_torch"):
+        opt = fot.AdamW(ps, **hp)
+        opt.step()  # the first step gathers the grads into the flat buffer
+        if peer == "fastopt_torch":
+            return opt.step, opt
+        # after model.zero_grad() backward() leaves fresh tensors in p.grad: each step
+        # copies them into the flat buffer (one gather) and re-points p.grad
+        fresh = [p.grad.clone() for p in ps]
+
+        def gather_step():
+            for p, g in zip(ps, fresh):
+                p.grad = g
+            opt.step()
+        return gather_step, opt
+    kw = dict(hp)
+    if peer == "torch_fused":
+        kw["fused"] = True
+    elif peer == "torch_foreach":
+        kw["foreach"] = True
+    elif peer != "torch_default":
+        raise ValueError(f"unknown peer {peer!r}")
+    opt = torch.optim.AdamW(ps, **kw)
+    return opt.step, opt
+
+
+def scenario_torch_model(cfg, nthreads, roofs, rng, bar=None):
+    """A whole-model ``step()`` of fastopt.torch.AdamW against torch.optim.AdamW over
+    the same transformer-like parameter list, float32; plus the step after the grads
+    were replaced by fresh tensors (the gather path) and, for reference, the cost of
+    only assigning those grads."""
+    try:
+        import torch  # noqa: F401
+        import fastopt.torch  # noqa: F401
+    except ImportError as exc:
+        return {"cases": [], "skipped": f"torch is not installed ({exc})"}
+    from fastopt.rules import get_rule
+    models = TORCH_MODELS[:1] if cfg.mode == "quick" else TORCH_MODELS
+    hp = {"lr": 1e-3, "weight_decay": 0.01}
+    bpe = get_rule("AdamW").bytes_per_element(P.hyperparameters("AdamW", hp), 4)
+    rows = []
+    for label, d, vocab, ctx in models:
+        shapes = transformer_shapes(d=d, vocab=vocab, ctx=ctx)
+        params = torch_model_params(shapes, rng)
+        n = sum(p.numel() for p in params)
+        steps, holders, status = build_steps(
+            TORCH_MODEL_PEERS, lambda peer: make_torch_model_step(peer, params, hp))
+        del params
+        t = time_interleaved(steps, repeats=cfg.repeats, warmup=max(cfg.warmup, 1),
+                             target_sample_s=cfg.target_sample_s,
+                             prestep_below_s=prestep_threshold(bpe * n))
+        results = merge_timings(status, t, n, bpe)
+        rows.append({"model": f"transformer {label}", "rule": "AdamW", "dtype": "float32",
+                     "hyperparameters": hp, "tensors": len(shapes), "n": n,
+                     "bytes_per_element": bpe, "results": results,
+                     "speedup": speedups(results, base="fastopt_torch")})
+        del steps, holders
+        gc.collect()
+    return {"cases": rows, "labels": dict(TORCH_MODEL_LABELS)}
