@@ -272,6 +272,10 @@ TINY_TORCH_MODELS = (("tiny-a", 16, 64, 16), ("tiny-b", 24, 96, 16))
 
 @pytest.mark.parametrize("mode", ["quick", "full"])
 def test_torch_model_scenario(monkeypatch, mode):
+    _torch_model_scenario(monkeypatch, mode)
+
+
+def _torch_model_scenario(monkeypatch, mode):
     pytest.importorskip("torch")
     from fastopt.bench import scenarios
     monkeypatch.setattr(scenarios, "TORCH_MODELS", TINY_TORCH_MODELS)
@@ -299,6 +303,17 @@ def test_torch_model_scenario(monkeypatch, mode):
     md = report._torch_model_md(res)
     assert "fastopt.torch" in md[0] and any("transformer tiny-a" in line for line in md)
     assert not [g for g in report.evaluate_goals(doc) if "torch model" in g["goal"]]
+    return res
+
+
+def test_torch_model_plot(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = _torch_model_scenario(monkeypatch, "full")
+    doc = {"cases": [], "scenarios": {"torch_model": res},
+           "machine": {"cpu_model": "test"}, "created": "2026-01-01T00:00:00"}
+    path = tmp_path / "tm.png"
+    assert report.plot(json.loads(json.dumps(doc)), str(path)) is None
+    assert path.stat().st_size > 1000
 
 
 def test_torch_model_peers_do_the_same_work():

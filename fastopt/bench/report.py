@@ -461,6 +461,10 @@ def plot(doc, path):
         return ("matplotlib is not installed: plot skipped "
                 "(pip install matplotlib, or pip install 'fastopt[bench]')")
     cases = [c for c in doc["cases"] if "results" in c]
+    torch_rows = doc.get("scenarios", {}).get("torch_model", {}).get("cases") or []
+    if not cases and torch_rows:
+        _plot_torch_model(plt, doc, torch_rows, path)
+        return None
     if not cases:
         return "no grid cases to plot"
     threads = max(c["threads"] for c in cases)
@@ -501,3 +505,34 @@ def plot(doc, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _plot_torch_model(plt, doc, rows, path):
+    """The torch model scenario alone: time per step of each peer, per model."""
+    from fastopt.bench.scenarios import TORCH_MODEL_LABELS, TORCH_MODEL_PEERS
+    peers = _peers_present(rows, candidates=TORCH_MODEL_PEERS)
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 4.2), squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        names, times = [], []
+        for p in peers:
+            r = row["results"].get(p, {})
+            if r.get("status") == "ok":
+                names.append(TORCH_MODEL_LABELS.get(p, p))
+                times.append(r["median_s"] * 1e3)
+        bars = ax.barh(range(len(names)), times,
+                       color=["C0" if n.startswith("fastopt") else "C1" if "only" in n
+                              else "C7" for n in names])
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per step (median)")
+        ax.set_title(f"{row['model']}: {row['tensors']} tensors, {fmt_n(row['n'])} params",
+                     fontsize=9)
+        for bar, t in zip(bars, times):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {t:.3g}",
+                    va="center", fontsize=7)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"fastopt.torch.AdamW vs torch.optim.AdamW, float32 — "
+                 f"{doc['machine']['cpu_model']}, {doc['created'][:10]}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
