@@ -25,6 +25,8 @@ from fastopt.torch.layout import NO_STATE, FlatGroup, check_param_dtype
 # and kept in the group. capturable (CUDA graph capture) and differentiable (autograd
 # through the step) need per-step scalars on the device and a differentiable
 # update, which fastopt does not have: they are refused rather than ignored.
+_increment_version = torch.autograd.graph.increment_version
+
 DISPATCH_FLAGS = {"foreach": None, "fused": None, "capturable": False,
                   "differentiable": False}
 _REFUSED = {"capturable": "CUDA graph capture needs per-step scalars on the device; "
@@ -152,6 +154,10 @@ class Optimizer(torch.optim.Optimizer):
         for flats, group_plans, hp in zip(self._flat, plans, hps):
             for fg, plan in zip(flats, group_plans):
                 fg.run(plan, hp, nthreads)
+                # the kernels write outside autograd: bump the version counters as
+                # torch's in-place updates do, so a backward through a graph that
+                # saved a pre-step parameter still fails loudly
+                _increment_version(fg.params)
         return loss
 
     def zero_grad(self, set_to_none: bool = False) -> None:
