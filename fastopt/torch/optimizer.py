@@ -25,6 +25,8 @@ from fastopt.torch.layout import NO_STATE, FlatGroup, check_param_dtype
 # and kept in the group. capturable (CUDA graph capture) and differentiable (autograd
 # through the step) need per-step scalars on the device and a differentiable
 # update, which fastopt does not have: they are refused rather than ignored.
+_increment_version = torch.autograd.graph.increment_version
+
 DISPATCH_FLAGS = {"foreach": None, "fused": None, "capturable": False,
                   "differentiable": False}
 _REFUSED = {"capturable": "CUDA graph capture needs per-step scalars on the device; "
@@ -79,8 +81,7 @@ class Optimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._flat.append(layout)
-        self._hp_cache.append(None)
-        self._hp_cache[-1] = (self._raw(group), hp)
+        self._hp_cache.append((self._raw(group), hp))
 
     def _check_flags(self, group):
         for flag, why in _REFUSED.items():
@@ -123,9 +124,6 @@ class Optimizer(torch.optim.Optimizer):
             if p.is_sparse or p.layout != torch.strided:
                 raise TypeError(f"param {k} of the group is a {p.layout} tensor; fastopt "
                                 "updates dense parameters")
-        for p in params:
-            if p in self._where:
-                raise ValueError("some parameters appear in more than one parameter group")
         by_dtype: dict = {}
         # trainable parameters first: frozen ones (no grad) then do not split the
         # trainable run, and a step stays one kernel call
@@ -152,6 +150,10 @@ class Optimizer(torch.optim.Optimizer):
         for flats, group_plans, hp in zip(self._flat, plans, hps):
             for fg, plan in zip(flats, group_plans):
                 fg.run(plan, hp, nthreads)
+                # the kernels write outside autograd: bump the version counters as
+                # torch's in-place updates do, so a backward through a graph that
+                # saved a pre-step parameter still fails loudly
+                _increment_version(fg.params)
         return loss
 
     def zero_grad(self, set_to_none: bool = False) -> None:
@@ -212,7 +214,7 @@ class Optimizer(torch.optim.Optimizer):
                              "match the size of optimizer's group")
         id_map = dict(zip(chain.from_iterable(s["params"] for s in saved),
                           chain.from_iterable(g["params"] for g in groups)))
-        new_groups, group_of = [], {}
+        new_groups, new_hps, group_of = [], [], {}
         for g, s in zip(groups, saved):
             ng = {**self.defaults, **s, "params": g["params"]}
             if "param_names" in g and "param_names" not in s:
@@ -220,6 +222,7 @@ class Optimizer(torch.optim.Optimizer):
             self._check_flags(ng)
             hp = self._group_hypers(ng)
             new_groups.append(ng)
+            new_hps.append(hp)
             for p in g["params"]:
                 group_of[p] = hp
         imports = []
@@ -239,8 +242,7 @@ class Optimizer(torch.optim.Optimizer):
         for fg, i, key, bufs in imports:
             fg.apply_import(i, key, bufs)
         self.param_groups = new_groups
-        self._hp_cache = [(self._raw(g), group_of[g["params"][0]] if g["params"] else
-                           self._group_hypers(g)) for g in new_groups]
+        self._hp_cache = [(self._raw(g), hp) for g, hp in zip(new_groups, new_hps)]
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
