@@ -782,12 +782,17 @@ def assert_unchanged(before, after):
 
 
 def test_non_tensor_params_raise_type_error():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="Tensors.*float"):
         fot.Adam([1.0, 2.0])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="Tensors.*ndarray"):
         fot.Adam([{"params": [np.zeros(3)]}])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="iterable"):
         fot.Adam(torch.zeros(3, requires_grad=True))  # a tensor, not an iterable of them
+    ok = nn.Parameter(torch.randn(4))
+    before = snapshot(nn.ParameterList([ok]), None)
+    with pytest.raises(TypeError, match="Tensors.*float"):
+        fot.Adam([ok, 1.0])  # the tensor before it is neither packed nor changed
+    assert_unchanged(before, snapshot(nn.ParameterList([ok]), None))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
