@@ -169,6 +169,8 @@ class Rule:
     in_torch: bool = True
     # torch keeps a per-parameter 'step' in this rule's state (its SGD does not)
     step_in_state: bool = True
+    # torch makes this rule's state for every parameter at construction (Adagrad)
+    state_at_init: bool = False
     defaults: dict = field(init=False, repr=False, compare=False)
     arg_names: tuple = field(init=False, repr=False, compare=False)
 
@@ -414,7 +416,7 @@ _add(Rule(
                  check=_nonneg("initial_accumulator_value"), doc="starting value of sum"),
      EPS(1e-10), MAXIMIZE),
     (Buffer("sum", fill=lambda hp: hp["initial_accumulator_value"]),),
-    _plan_adagrad, _bytes(2),
+    _plan_adagrad, _bytes(2), state_at_init=True,
     paper="Duchi, Hazan & Singer 2011, Adaptive Subgradient Methods",
     update="s ← s + g²; θ ← θ − γ/(1 + (t−1)·lr_decay) · g/(√s + ε)"))
 

@@ -65,7 +65,9 @@ class FlatGroup:
                 p.data = view
         self.grad_views = [self.grad[lo:hi].view(shape)
                            for lo, hi, shape in zip(offsets, offsets[1:], self.shapes)]
-        self.data_ptrs = [p.data_ptr() for p in params]
+        self.data_ptrs = [p.data_ptr() for p in params]  # where each p.data is now
+        self.home_ptrs = list(self.data_ptrs)              # where the flat buffer has it
+        self.elsewhere: set = set()  # params whose .data was re-pointed away from it
         self.state: dict = {}           # buffer name -> flat tensor
         self.keys = [NO_STATE] * len(params)
         self.uniform = False            # every param has keys[0] and its grad view
@@ -103,12 +105,16 @@ class FlatGroup:
             return
         moved, active, foreign = plan
         params, views = self.params, self.grad_views
+        for i in moved:
+            self.data_ptrs[i] = params[i].data_ptr()
+            if self.data_ptrs[i] == self.home_ptrs[i]:
+                self.elsewhere.discard(i)
+            else:
+                self.elsewhere.add(i)
+        outside = [i for i in active if i in self.elsewhere]
         with torch.no_grad():
-            for i in moved:
-                view = self.flat[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
-                view.copy_(params[i].data)
-                params[i].data = view
-                self.data_ptrs[i] = view.data_ptr()
+            for i in outside:
+                self._home(i).copy_(params[i].data)
             for i, g in foreign:
                 views[i].copy_(g)
                 params[i].grad = views[i]
@@ -124,7 +130,15 @@ class FlatGroup:
             new = self._run(first, last + 1, key, hp, nthreads)
             keys[first:last + 1] = [new] * (last + 1 - first)
             k += 1
-        self.uniform = len(active) == n and all(key is keys[0] for key in keys)
+        with torch.no_grad():
+            for i in outside:
+                params[i].data.copy_(self._home(i))
+        self.uniform = (len(active) == n and not self.elsewhere
+                        and all(key is keys[0] for key in keys))
+
+    def _home(self, i):
+        """Parameter i's slice of the flat buffer, in its shape."""
+        return self.flat[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
 
     def _run(self, a: int, b: int, key, hp, nthreads):
         """Step params a..b-1, which share ``key``; returns their new key."""
@@ -183,9 +197,11 @@ class FlatGroup:
                              f"the parameter on {p.device}")
 
     def _moved(self) -> list:
-        """Parameters whose ``.data`` was replaced (``p.data = ...``): they are packed
-        again from their new values. One moved to another dtype, shape or device
-        cannot be, and is refused."""
+        """Parameters whose ``.data`` was re-pointed since the last step (``p.data =
+        ...``; ZeroRedundancyOptimizer's bucket views do it). Their new storage is
+        what the model reads, so it stays theirs: each step copies it into the flat
+        buffer, runs, and copies the result back (two extra passes over those
+        parameters only). A move to another dtype, shape or device is refused."""
         moved = []
         for i, p in enumerate(self.params):
             if p.data_ptr() != self.data_ptrs[i]:
@@ -220,7 +236,18 @@ class FlatGroup:
         raise KeyError(p)
 
     def has_state(self, i) -> bool:
-        return self.keys[i] is not NO_STATE and self.keys[i][0] > 0
+        return self.keys[i] != NO_STATE
+
+    def init_state(self, hp) -> None:
+        """State for every parameter before any step, as torch's Adagrad makes it
+        at construction (step 0, ``sum`` at initial_accumulator_value)."""
+        rule = self.rule
+        needed = rule.needed_buffers(hp)
+        for name in needed:
+            self._allocate(name, 0, self.offsets[-1], hp)
+        key = (0, tuple(rule.initial_scalars(hp).values()), frozenset(needed))
+        self.keys = [key] * len(self.params)
+        self.uniform = True
 
     def export(self, i, step_dtype) -> dict:
         """Parameter i's state under torch's keys: buffers as live views of the flat

@@ -80,6 +80,9 @@ class Optimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        if self.rule.state_at_init:
+            for fg in layout:
+                fg.init_state(hp)
         self._flat.append(layout)
         self._hp_cache.append((self._raw(group), hp))
 
