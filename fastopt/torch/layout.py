@@ -115,8 +115,9 @@ class FlatGroup:
         with torch.no_grad():
             for i in outside:
                 self._home(i).copy_(params[i].data)
-            for i, g in foreign:
-                views[i].copy_(g)
+            if foreign:
+                torch._foreach_copy_([views[i] for i, _ in foreign], [g for _, g in foreign])
+            for i, _ in foreign:
                 params[i].grad = views[i]
         keys = self.keys
         k = 0
