@@ -10,7 +10,7 @@ checks) → ``fastopt.optimizers`` / ``fastopt.functional`` (the API) →
 """
 
 from fastopt import backends as _backends
-from fastopt import functional
+from fastopt import functional, schedules
 from fastopt.checkpoint import load, save
 from fastopt.flat import FlatParams
 from fastopt.optimizers import OPTIMIZERS, Optimizer
@@ -47,6 +47,6 @@ def backend() -> str:
     return _backends.DEFAULT.NAME
 
 
-__all__ = ["Optimizer", "FlatParams", "functional", "save", "load", "RULES",
+__all__ = ["Optimizer", "FlatParams", "functional", "schedules", "save", "load", "RULES",
            "set_num_threads", "get_num_threads", "set_flush_denormals",
            "get_flush_denormals", "backend", *OPTIMIZERS]
