@@ -1,7 +1,7 @@
 """fastopt: fused, single-pass optimizer update rules over flat float32/float64 buffers.
 
     import fastopt
-    opt = fastopt.Adam(param, lr=1e-3)   # param: 1-D float32/float64 array
+    opt = fastopt.Adam(param, lr=1e-3)   # param: C-contiguous float32/float64 array, any shape
     opt.step(grad)                       # one fused kernel call, in place
 
 Layers, top to bottom: ``fastopt.rules`` (the registry: math, names, defaults,
