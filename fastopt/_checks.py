@@ -12,6 +12,10 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# The largest step count accepted from outside (+1): the per-step plans convert t to
+# float64, which a Python int beyond ~1.8e308 would overflow
+MAX_STEP = 2 ** 63
+
 # NumPy 2 moved byte_bounds to numpy.lib.array_utils
 try:
     from numpy.lib.array_utils import byte_bounds as _byte_bounds
@@ -115,4 +119,6 @@ def check_step(step) -> int:
         raise TypeError(f"step must be an int (the 1-based step count t), got {step!r}")
     if step < 1:
         raise ValueError(f"step must be >= 1 (t is incremented before use), got {step}")
+    if step >= MAX_STEP:
+        raise ValueError(f"step must be < 2**63, got {step}")
     return int(step)

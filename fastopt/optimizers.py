@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from fastopt import backends
-from fastopt._checks import check_array, check_buffers, coerce
+from fastopt._checks import MAX_STEP, check_array, check_buffers, coerce
 from fastopt.flat import FlatParams
 from fastopt.rules import RULES, Rule
 
@@ -192,8 +192,10 @@ def _check_state_dict(sd, rule: Rule, dtype: np.dtype, size: int) -> dict:
         raise ValueError(f"state_dict['size'] is {sd['size']!r}; the param has {size} "
                          "elements")
     step = sd["step"]
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        raise ValueError(f"state_dict['step'] must be an int >= 0, got {step!r}")
+    # below 2**63: the plans convert t to float (a larger int could overflow there)
+    if (isinstance(step, bool) or not isinstance(step, numbers.Integral)
+            or not 0 <= step < MAX_STEP):
+        raise ValueError(f"state_dict['step'] must be an int in [0, 2**63), got {step!r}")
     hps = sd["hyperparameters"]
     if not isinstance(hps, dict):
         raise TypeError(f"state_dict['hyperparameters'] must be a dict, got {hps!r}")
@@ -213,6 +215,7 @@ def _check_state_dict(sd, rule: Rule, dtype: np.dtype, size: int) -> dict:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
             raise ValueError(f"state_dict['scalars'][{n!r}] must be a real number, got {v!r}")
         scalars[n] = float(v)
+    rule.validate_scalars(scalars)
     state_in = sd["state"]
     if not isinstance(state_in, dict):
         raise TypeError(f"state_dict['state'] must be a dict, got {type(state_in).__name__}")
