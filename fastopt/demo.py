@@ -12,8 +12,8 @@ same number of steps; each path is one coloured line on the surface's contour pl
 
 The element-wise rules run through the registry's classes (``fastopt.Adam`` …) on a
 2-element float64 array, one ``step(grad)`` per point. L-BFGS runs through
-``fastopt.LBFGS(param, lr=1, max_iter=1, line_search_fn="strong_wolfe")``: one
-``step(closure)`` per point, i.e. one quasi-Newton iteration with its line search
+``fastopt.LBFGS(param, lr=1, max_iter=1, max_eval=25, line_search_fn="strong_wolfe")``:
+one ``step(closure)`` per point, i.e. one quasi-Newton iteration with its line search
 (which may evaluate the closure several times: those trial points are not drawn), so
 every path has one point per step. While ``fastopt.LBFGS`` does not exist the demo
 leaves its path out and says so in the legend and on stderr.
@@ -105,7 +105,11 @@ PATHS = (
     ("NAdam", "NAdam", {}),
     ("RAdam", "RAdam", {}),
     ("Lion", "Lion", {}),
-    ("L-BFGS", "LBFGS", {"max_iter": 1, "line_search_fn": "strong_wolfe"}),
+    # one iteration per step; max_eval must be raised with it: its default
+    # ⌊max_iter·5/4⌋ = 1 ends every step after the first evaluation, before the line
+    # search may move (torch stalls at the start of Rosenbrock the same way). 25 is
+    # the line search's own cap.
+    ("L-BFGS", "LBFGS", {"max_iter": 1, "max_eval": 25, "line_search_fn": "strong_wolfe"}),
 )
 
 # Learning rates per surface, chosen by a sweep over 1e-4 … 1 at the default 300
