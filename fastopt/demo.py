@@ -212,7 +212,11 @@ def _draw_surface(ax, surface: Surface):
 def render(out_dir: Path, steps: int = 300, gif: bool = False,
            log=sys.stderr) -> list[Path]:
     """Write demo.png (and demo.gif) under ``out_dir``; returns the files written."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("fastopt demo draws with matplotlib: "
+                          "pip install 'fastopt[demo]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
