@@ -274,6 +274,7 @@ def _pow_up(base: float, exponent: float) -> float:
     except OverflowError:
         return math.inf
 
+
 def _plan_sgd(hp, t, scalars, fresh, decoupled=False):
     wd, decay = _weight_decay_split(hp, decoupled)
     # torch starts the buffer at g (no dampening) the first time it exists

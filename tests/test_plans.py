@@ -173,6 +173,17 @@ def test_unreachable_scalar_state_is_refused(rule, scalars, word):
     np.testing.assert_array_equal(p, before[0])
 
 
+@pytest.mark.parametrize("hp,name", [({"lr": math.inf}, "lr"), ({"lambd": math.inf}, "lambd")])
+def test_asgd_refuses_inputs_whose_eta_would_be_nan(hp, name):
+    # γ = inf: η = inf/inf; λ = inf with γ = 0: λγt = inf·0 (torch: NaN parameters)
+    with pytest.raises(ValueError, match=f"argument '{name}'"):
+        fastopt.ASGD(np.zeros(N), **hp)
+    opt = fastopt.ASGD(np.zeros(N))
+    with pytest.raises(ValueError, match=f"argument '{name}'"):
+        setattr(opt, name, math.inf)
+    assert opt.hyperparameters[name] != math.inf
+
+
 def test_step_counts_beyond_2_63_are_refused():
     p = np.zeros(N)
     with pytest.raises(ValueError, match="2\\*\\*63"):
