@@ -468,6 +468,11 @@ def test_arrays_of_any_shape_are_updated_through_their_flat_view():
     topt.step(torch.ones(2, 5, dtype=torch.float64))
     topt.step(np.ones((5, 2)))
     assert (t == 0).all() and topt.param.shape == (2, 5)
+    with pytest.raises(ValueError, match="grad must be C-contiguous"):
+        topt.step(torch.ones(5, 2, dtype=torch.float64).t())   # a transposed tensor
+    with pytest.raises(ValueError, match="param must be C-contiguous"):
+        fastopt.SGD(torch.ones(5, 2).t())
+    assert (t == 0).all()
     # the functional calls: every buffer may have any shape of the right size
     p, m, v = np.zeros((2, 3)), np.zeros((3, 2)), np.zeros(6)
     fastopt.functional.adam(p, np.ones((6, 1)), m, v, step=1, lr=0.1)
