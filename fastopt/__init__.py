@@ -1,7 +1,7 @@
 """fastopt: fused, single-pass optimizer update rules over flat float32/float64 buffers.
 
     import fastopt
-    opt = fastopt.Adam(param, lr=1e-3)   # param: 1-D float32/float64 array
+    opt = fastopt.Adam(param, lr=1e-3)   # param: C-contiguous float32/float64 array, any shape
     opt.step(grad)                       # one fused kernel call, in place
 
 Layers, top to bottom: ``fastopt.rules`` (the registry: math, names, defaults,
@@ -10,7 +10,7 @@ checks) → ``fastopt.optimizers`` / ``fastopt.functional`` (the API) →
 """
 
 from fastopt import backends as _backends
-from fastopt import functional
+from fastopt import functional, schedules
 from fastopt.checkpoint import load, save
 from fastopt.flat import FlatParams
 from fastopt.optimizers import OPTIMIZERS, Optimizer
@@ -55,6 +55,6 @@ def backend() -> str:
     return _backends.DEFAULT.NAME
 
 
-__all__ = ["Optimizer", "FlatParams", "functional", "save", "load", "RULES",
+__all__ = ["Optimizer", "FlatParams", "functional", "schedules", "save", "load", "RULES",
            "set_num_threads", "get_num_threads", "set_flush_denormals",
            "get_flush_denormals", "backend", *OPTIMIZERS]

@@ -1,6 +1,7 @@
 """The ``fastopt`` console command. Subcommands:
 
     fastopt bench [--quick | --full] [--rules ...] [--sizes ...] [--threads ...] [--out DIR]
+    fastopt demo --out DIR [--steps N] [--gif]
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ USAGE = """usage: fastopt <command> [options]
 commands:
   bench     time fastopt against NumPy, torch.optim and DeepSpeed
             (fastopt bench --help for the options)
+  demo      draw every rule's path on the saddle, Rosenbrock and Beale
+            surfaces (fastopt demo --out DIR [--steps N] [--gif])
 """
 
 
@@ -24,6 +27,9 @@ def main(argv=None) -> int:
     if cmd == "bench":
         from fastopt.bench.runner import main as bench_main
         return bench_main(rest)
+    if cmd == "demo":
+        from fastopt.demo import main as demo_main
+        return demo_main(rest)
     sys.stderr.write(f"fastopt: unknown command {cmd!r}\n" + USAGE)
     return 2
 

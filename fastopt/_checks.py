@@ -12,6 +12,10 @@ import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+# The largest step count accepted from outside (+1): the per-step plans convert t to
+# float64, which a Python int beyond ~1.8e308 would overflow
+MAX_STEP = 2 ** 63
+
 # NumPy 2 moved byte_bounds to numpy.lib.array_utils
 try:
     from numpy.lib.array_utils import byte_bounds as _byte_bounds
@@ -27,14 +31,29 @@ def _describe(obj) -> str:
 
 
 def coerce(name: str, obj, backend):
-    """``obj`` as the backend's array type without a copy; TypeError naming ``name``."""
+    """``obj`` as the backend's 1-D array type without a copy; TypeError naming ``name``.
+
+    A host array of any shape becomes its flat view (``reshape(-1)`` of a C-contiguous
+    array shares its memory); a non-contiguous one has no such view: ValueError.
+    """
     if obj is None:
-        raise TypeError(f"{name} must be a 1-D float32 or float64 array, got None")
+        raise TypeError(f"{name} must be a float32 or float64 array, got None")
+    if isinstance(obj, (list, tuple)):
+        raise TypeError(f"{name} must be one array, got a {type(obj).__name__} of "
+                        f"{len(obj)} items; pack several arrays into one buffer with "
+                        "fastopt.FlatParams(arrays) and pass it (its .grad for the gradient)")
     try:
-        return backend.as_array(obj)
+        arr = backend.as_array(obj)
     except TypeError as exc:
-        raise TypeError(f"{name} must be a 1-D float32 or float64 array (NumPy array, "
-                        f"buffer, or CPU tensor), got {_describe(obj)}: {exc}") from None
+        raise TypeError(f"{name} must be a float32 or float64 array (NumPy array of any "
+                        f"shape, buffer, or CPU tensor), got {_describe(obj)}: {exc}") from None
+    if isinstance(arr, np.ndarray) and arr.ndim != 1:
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (fastopt works on its flat "
+                             f"view, without a copy), got shape {arr.shape} with strides "
+                             f"{arr.strides}")
+        arr = arr.reshape(-1)  # a view: C-contiguous arrays reshape without a copy
+    return arr
 
 
 def check_array(name: str, arr, *, writable: bool = True):
@@ -44,8 +63,9 @@ def check_array(name: str, arr, *, writable: bool = True):
         raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
     shape = tuple(arr.shape)
     if len(shape) != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {shape} "
-                         "(flatten a contiguous array with .reshape(-1), or use FlatParams)")
+        # host arrays arrive flat (coerce); device arrays are taken as they are
+        raise ValueError(f"{name} must be 1-D, got shape {shape} (a device array is not "
+                         "flattened for you: pass its contiguous .reshape(-1))")
     if isinstance(arr, np.ndarray):
         if not arr.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous, got strides {arr.strides}")
@@ -99,4 +119,6 @@ def check_step(step) -> int:
         raise TypeError(f"step must be an int (the 1-based step count t), got {step!r}")
     if step < 1:
         raise ValueError(f"step must be >= 1 (t is incremented before use), got {step}")
+    if step >= MAX_STEP:
+        raise ValueError(f"step must be < 2**63, got {step}")
     return int(step)

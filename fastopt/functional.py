@@ -16,6 +16,7 @@ plan and the same kernel, bound to their buffers once (``backends.bind``).
 from __future__ import annotations
 
 import inspect
+import numbers
 
 from fastopt import backends
 from fastopt._checks import check_buffers, check_step, coerce
@@ -71,7 +72,11 @@ def _make(rule: Rule):
                     raise TypeError(f"{rule.name.lower()}(): {name} is required after the "
                                     f"first step (pass the value the previous call returned)")
                 value = init(hp)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{rule.name.lower()}(): {name} must be a real number, "
+                                f"got {value!r}")
             scalars[name] = float(value)
+        rule.validate_scalars(scalars)
         check_buffers(rule.arg_names, [param, grad] + buffers)
         plan_args, new_scalars = rule.plan(hp, t, scalars, False)
         getattr(backend, rule.kernel)(param, grad, *buffers, *plan_args,

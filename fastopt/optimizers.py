@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from fastopt import backends
-from fastopt._checks import check_array, check_buffers, coerce
+from fastopt._checks import MAX_STEP, check_array, check_buffers, coerce
 from fastopt.flat import FlatParams
 from fastopt.rules import RULES, Rule
 
@@ -41,7 +41,10 @@ class Optimizer:
         arr = coerce("param", param, be)
         check_array("param", arr)
         d = self.__dict__
-        d["_param"] = arr
+        d["_param"] = arr  # flat: what the kernels and the state buffers follow
+        # what `param` shows: the caller's array in its own shape, sharing memory
+        # with the flat view (a tensor's NumPy view for a tensor)
+        d["_shaped"] = be.as_array(param)
         d["_backend"] = be
         d["_plan"] = rule.plan
         d["_hp"] = hp
@@ -59,15 +62,27 @@ class Optimizer:
         try:
             self._bound.step(grad, args, _threads[0])
         except (TypeError, ValueError, BufferError):
-            # refused before anything was written: name the culprit, or convert
-            # a non-array gradient (a tensor, a buffer) and try once more
-            grad = coerce("grad", grad, self._backend)
-            check_buffers(self.rule.arg_names, (self._param, grad) + self._bufs)
-            self._bound.step(grad, args, _threads[0])
+            # refused before anything was written: flatten an N-D gradient, convert
+            # a non-array one (a tensor, a buffer), or name the culprit; then once more
+            self._bound.step(self._flat_grad(grad), args, _threads[0])
         d = self.__dict__
         d["_scalars"] = scalars
         d["_fresh"] = False
         d["step_count"] = t
+
+    def _flat_grad(self, grad):
+        """``grad`` as a 1-D array the bound kernel takes, or the error in words."""
+        p = self._param
+        if type(grad) is np.ndarray and grad.flags.c_contiguous:
+            flat = grad.reshape(-1)  # a view
+        else:  # a tensor, a buffer, a non-contiguous array: a flat view, or the error
+            flat = coerce("grad", grad, self._backend)
+        # the right dtype and length: the kernel checks overlap itself
+        if (type(flat) is np.ndarray and flat.dtype == p.dtype and flat.shape == p.shape
+                and flat.flags.c_contiguous):
+            return flat
+        check_buffers(self.rule.arg_names, (p, flat) + self._bufs)
+        return flat
 
     # -- hyperparameters ----------------------------------------------------
     def __setattr__(self, name, value):
@@ -95,8 +110,10 @@ class Optimizer:
 
     @property
     def param(self):
-        """The parameter buffer updated in place."""
-        return self._param
+        """The array given at construction, in its own shape, updated in place (a
+        tensor's NumPy view; ``FlatParams.data`` for FlatParams). The kernels update it
+        through its flat view; the state buffers are flat, of length ``param.size``."""
+        return self._shaped
 
     @property
     def backend(self) -> str:
@@ -175,8 +192,10 @@ def _check_state_dict(sd, rule: Rule, dtype: np.dtype, size: int) -> dict:
         raise ValueError(f"state_dict['size'] is {sd['size']!r}; the param has {size} "
                          "elements")
     step = sd["step"]
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        raise ValueError(f"state_dict['step'] must be an int >= 0, got {step!r}")
+    # below 2**63: the plans convert t to float (a larger int could overflow there)
+    if (isinstance(step, bool) or not isinstance(step, numbers.Integral)
+            or not 0 <= step < MAX_STEP):
+        raise ValueError(f"state_dict['step'] must be an int in [0, 2**63), got {step!r}")
     hps = sd["hyperparameters"]
     if not isinstance(hps, dict):
         raise TypeError(f"state_dict['hyperparameters'] must be a dict, got {hps!r}")
@@ -196,6 +215,7 @@ def _check_state_dict(sd, rule: Rule, dtype: np.dtype, size: int) -> dict:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
             raise ValueError(f"state_dict['scalars'][{n!r}] must be a real number, got {v!r}")
         scalars[n] = float(v)
+    rule.validate_scalars(scalars)
     state_in = sd["state"]
     if not isinstance(state_in, dict):
         raise TypeError(f"state_dict['state'] must be a dict, got {type(state_in).__name__}")
@@ -232,8 +252,9 @@ def _make_class(rule: Rule):
     __init__.__signature__ = inspect.Signature(params)
     lines = [f"{rule.name}: {rule.update}", "",
              "Parameters", "----------",
-             "param : 1-D C-contiguous float32/float64 array, buffer, CPU tensor's .numpy(),",
-             "    or FlatParams; updated in place by step(grad)."]
+             "param : C-contiguous float32/float64 array of any shape, buffer, CPU tensor,",
+             "    or FlatParams; updated in place through its flat view by step(grad),",
+             "    where grad has param's size (any shape). State buffers are flat."]
     for h in rule.hypers:
         lines.append(f"{h.name} : default {h.default!r}" + (f" — {h.doc}" if h.doc else ""))
     lines.append("backend : None (decided at import), 'cython', 'numba' or 'cuda'.")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -108,6 +109,23 @@ def _finite(label):
     return check
 
 
+def _finite_lr(name, v, hp):
+    # ASGD: η = γ/(1 + λγt)^α is inf/inf = NaN for γ = inf (torch accepts it and
+    # turns the parameter into NaN); refused here instead
+    _lr(name, v, hp)
+    if v == math.inf:
+        _fail(f"Invalid learning rate: {v} (ASGD's η = lr/(1 + lambd·lr·t)^alpha "
+              "would be inf/inf)", name)
+
+
+def _finite_nonneg(label):
+    # ASGD's λ: λ = inf makes λγt = 0·inf = NaN at γ = 0 (torch: a NaN parameter)
+    def check(name, v, hp):
+        if not 0.0 <= v < math.inf:
+            _fail(f"Invalid {label} value: {v}", name)
+    return check
+
+
 def _etas(name, v, hp):
     if not 0.0 < v[0] < 1.0 < v[1]:
         _fail(f"Invalid eta values: {v[0]}, {v[1]}", name)
@@ -166,6 +184,9 @@ class Rule:
     update: str                     # the update in one line, for docs
     scalars: tuple[tuple[str, Callable[[Mapping[str, Any]], float]], ...] = ()
     validate: Callable[[Mapping[str, Any]], None] = lambda hp: None
+    # ValueError for scalar state no run can reach (a corrupt checkpoint, a bad
+    # functional argument): checked where scalars come in from outside
+    validate_scalars: Callable[[Mapping[str, float]], None] = lambda scalars: None
     in_torch: bool = True
     # torch keeps a per-parameter 'step' in this rule's state (its SGD does not)
     step_in_state: bool = True
@@ -240,7 +261,23 @@ def _decoupled(default: bool) -> Hyper:
 # ---------------------------------------------------------------------------
 # Per-step scalars, one function per kernel. Everything here is float64 Python
 # arithmetic done once per call; the kernels only see the results.
+#
+# Overflow: Python's float `*`, `/`, `+` give inf as IEEE (and torch's tensors) do,
+# but `**` raises OverflowError and `/ 0.0` raises ZeroDivisionError. Every `**` below
+# has a base in [0, 1) (β^t, 0.96^(tψ): they underflow to 0, never overflow) except
+# ASGD's, which goes through _pow_up. No divisor can be zero for accepted
+# hyperparameters and scalar state (each division says why); t is below 2**63
+# (check_step, load_state_dict), so int → float never overflows either.
 # ---------------------------------------------------------------------------
+
+def _pow_up(base: float, exponent: float) -> float:
+    """``base ** exponent`` for base ≥ 0, exponent ≥ 0: inf where float64 overflows,
+    as torch's tensor pow gives (Python's float pow raises OverflowError)."""
+    try:
+        return base ** exponent
+    except OverflowError:
+        return math.inf
+
 
 def _plan_sgd(hp, t, scalars, fresh, decoupled=False):
     wd, decay = _weight_decay_split(hp, decoupled)
@@ -301,6 +338,7 @@ def _plan_nadam(hp, t, scalars, fresh):
     mu = _nadam_mu(beta1, psi, t)
     mu_next = _nadam_mu(beta1, psi, t + 1)
     mu_product = scalars["mu_product"] * mu
+    # Π ∈ [0, 1] (validate_scalars) and μ_t, μ_{t+1} < β1 < 1: both divisors are > 0
     grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
     avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
     bc2 = 1.0 - beta2 ** t
@@ -313,9 +351,9 @@ def _plan_radam(hp, t, scalars, fresh):
     wd, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
     bc1 = 1.0 - beta1 ** t
     bc2 = 1.0 - beta2 ** t
-    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0  # β2 < 1; bc1, bc2 > 0 as β^t < 1
     rho_t = rho_inf - 2.0 * t * (beta2 ** t) / bc2
-    if rho_t > 5.0:
+    if rho_t > 5.0:  # then ρ∞ ≥ ρ_t > 5: every factor under the root is > 0
         rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
                          / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
         rectified = 1
@@ -329,9 +367,29 @@ def _plan_asgd(hp, t, scalars, fresh):
     eta, mu = scalars["eta"], scalars["mu"]
     lr, lambd = hp["lr"], hp["lambd"]
     args = (eta, 1.0 - lambd * eta, mu, hp["weight_decay"], int(hp["maximize"]))
-    new = {"eta": lr / (1.0 + lambd * lr * t) ** hp["alpha"],
+    # (1 + λγt)^α overflows for a large α or λγt: η → γ/inf = 0 from the next step
+    # on, which is what torch's tensor (foreach) path computes; its single-tensor path
+    # raises OverflowError, a torch bug fastopt does not copy
+    new = {"eta": lr / _pow_up(1.0 + lambd * lr * t, hp["alpha"]),
            "mu": 1.0 / max(1.0, t - hp["t0"])}
     return args, new
+
+
+def _in_range(name, value, lo, hi):
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value} (scalar state "
+                         "no run produces: a corrupt checkpoint or a wrong argument)")
+
+
+def _nadam_scalars(s):
+    # a product of factors μ_t ∈ [0, β1): 1 at t = 0, then in [0, 1). torch divides by
+    # 1 − Π and raises ZeroDivisionError for Π = 1 at the next step
+    _in_range("mu_product", s["mu_product"], 0.0, 1.0)
+
+
+def _asgd_scalars(s):
+    _in_range("eta", s["eta"], 0.0, sys.float_info.max)  # γ/(1 + λγt)^α ∈ [0, γ]
+    _in_range("mu", s["mu"], 0.0, 1.0)          # 1/max(1, t − t0)
 
 
 def _plan_rprop(hp, t, scalars, fresh):
@@ -459,7 +517,7 @@ _add(Rule(
     _plan_nadam, _bytes(3),
     paper="Dozat 2016, Incorporating Nesterov Momentum into Adam",
     update="μ_t = β1(1 − ½·0.96^(tψ)); θ ← θ − γ(1−μ_t)/(1−Π)·g/d − γμ_{t+1}/(1−Πμ_{t+1})·m/d",
-    scalars=(("mu_product", lambda hp: 1.0),)))
+    scalars=(("mu_product", lambda hp: 1.0),), validate_scalars=_nadam_scalars))
 
 _add(Rule(
     "RAdam", "radam",
@@ -471,7 +529,7 @@ _add(Rule(
 
 _add(Rule(
     "ASGD", "asgd",
-    (LR(1e-2), Hyper("lambd", 1e-4, check=_nonneg("lambd"), doc="decay term λ"),
+    (Hyper("lr", 1e-2, check=_finite_lr, doc="learning rate γ"), Hyper("lambd", 1e-4, check=_finite_nonneg("lambd"), doc="decay term λ"),
      Hyper("alpha", 0.75, check=_nonneg("alpha"), doc="power for η update"),
      Hyper("t0", 1e6, check=_finite("t0"), doc="point at which to start averaging"),
      WD(), MAXIMIZE),
@@ -479,7 +537,8 @@ _add(Rule(
     _plan_asgd, _bytes(2),
     paper="Polyak & Juditsky 1992, Acceleration of Stochastic Approximation by Averaging",
     update="θ ← θ(1 − λη) − ηg; ax ← ax + μ(θ − ax)",
-    scalars=(("eta", lambda hp: hp["lr"]), ("mu", lambda hp: 1.0))))
+    scalars=(("eta", lambda hp: hp["lr"]), ("mu", lambda hp: 1.0)),
+    validate_scalars=_asgd_scalars))
 
 _add(Rule(
     "Rprop", "rprop",

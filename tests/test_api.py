@@ -62,14 +62,24 @@ BAD_GRADS = [
     ("float16 grad", lambda opt: np.ones(N, np.float16), TypeError, ["grad", "float16"]),
     ("short grad", lambda opt: np.ones(N - 1, F32), ValueError, ["grad", str(N - 1), str(N)]),
     ("long grad", lambda opt: np.ones(N + 5, F32), ValueError, ["grad", str(N + 5)]),
-    ("0-d grad", lambda opt: np.array(1.0, F32), ValueError, ["grad", "1-D"]),
-    ("2-d grad", lambda opt: np.ones((1, N), F32), ValueError, ["grad", "1-D", f"(1, {N})"]),
+    ("0-d grad", lambda opt: np.array(1.0, F32), ValueError, ["grad", "length 1"]),
+    ("2-d grad, wrong size", lambda opt: np.ones((2, N), F32), ValueError,
+     ["grad", f"length {2 * N}"]),
+    ("strided 2-d grad", lambda opt: np.ones((1, 2 * N), F32)[:, ::2], ValueError,
+     ["grad", "contiguous", f"(1, {N})"]),
+    ("Fortran-order 2-d grad", lambda opt: np.ones((2, N), F32, order="F")[:1],
+     ValueError, ["grad", "contiguous", f"(1, {N})"]),
+    ("strided 3-d grad", lambda opt: np.ones((1, N, 3), F32)[:, :, 1], ValueError,
+     ["grad", "contiguous", f"(1, {N})"]),
+    ("2-d grad views param", lambda opt: opt.param.reshape(1, N), ValueError, ["grad", "param"]),
     ("strided grad", lambda opt: np.ones(2 * N, F32)[::2], ValueError, ["grad", "contiguous"]),
     ("grad is param", _aliased, ValueError, ["grad", "param"]),
     ("grad views param", _overlap, ValueError, ["grad", "param"]),
     ("grad is state", _state_alias, ValueError, ["grad", "exp_avg"]),
     ("None", lambda opt: None, TypeError, ["grad", "None"]),
     ("list", lambda opt: [0.0] * N, TypeError, ["grad", "list"]),
+    ("list of arrays", lambda opt: [np.ones(N, F32)], TypeError, ["grad", "FlatParams"]),
+    ("tuple of arrays", lambda opt: (np.ones(N, F32),), TypeError, ["grad", "FlatParams"]),
     ("string", lambda opt: "grad", TypeError, ["grad", "str"]),
 ]
 
@@ -105,8 +115,12 @@ def test_bad_grad_on_every_backend(backend, case):
 BAD_PARAMS = [
     ("int", np.ones(N, np.int32), TypeError, ["param", "int32"]),
     ("float16", np.ones(N, np.float16), TypeError, ["param", "float16"]),
-    ("0-d", np.array(1.0), ValueError, ["param", "1-D"]),
-    ("2-d", np.ones((3, 4)), ValueError, ["param", "1-D", "(3, 4)"]),
+    ("transposed 2-d", np.ones((4, 3)).T, ValueError, ["param", "contiguous", "(3, 4)"]),
+    ("strided 3-d", np.ones((2, 3, 8))[:, :, ::2], ValueError,
+     ["param", "contiguous", "(2, 3, 4)"]),
+    ("Fortran-order 2-d", np.asfortranarray(np.ones((5, 6))), ValueError,
+     ["param", "contiguous", "(5, 6)"]),
+    ("list of arrays", [np.ones(3), np.ones(2)], TypeError, ["param", "FlatParams"]),
     ("strided", np.ones(10)[::2], ValueError, ["param", "contiguous"]),
     ("None", None, TypeError, ["param", "None"]),
     ("list", [1.0, 2.0], TypeError, ["param", "list"]),
@@ -429,6 +443,45 @@ def test_views_and_tensors_are_updated_in_place():
     assert (t == 0.75).all()
     fastopt.SGD(t, lr=0.25).step(torch.ones(100, dtype=torch.float64))  # the tensor itself
     assert (t == 0.5).all()
+
+
+def test_arrays_of_any_shape_are_updated_through_their_flat_view():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    flat_p, grads = rng.standard_normal(24), rng.standard_normal((3, 24))
+    ref = fastopt.NAdam(flat_p.copy(), lr=0.1)
+    w = flat_p.reshape(2, 3, 4).copy()
+    opt = fastopt.NAdam(w, lr=0.1)
+    assert opt.param is w                          # the caller's array, its shape
+    for g in grads:
+        ref.step(g)
+        opt.step(g.reshape(2, 3, 4))               # N-D grad
+    opt.step(grads[0].reshape(4, 6))               # any shape of the right size
+    ref.step(grads[0])
+    np.testing.assert_array_equal(w.reshape(-1), ref.param)
+    assert {k: v.shape for k, v in opt.state.items()} == {"exp_avg": (24,), "exp_avg_sq": (24,)}
+    # checkpoints are unaffected: a flat optimizer takes the N-D one's state
+    ref.load_state_dict(opt.state_dict())
+    # CPU tensors of any shape, as param and as grad
+    t = torch.ones(2, 5, dtype=torch.float64)
+    topt = fastopt.SGD(t, lr=0.5)
+    topt.step(torch.ones(2, 5, dtype=torch.float64))
+    topt.step(np.ones((5, 2)))
+    assert (t == 0).all() and topt.param.shape == (2, 5)
+    with pytest.raises(ValueError, match="grad must be C-contiguous"):
+        topt.step(torch.ones(5, 2, dtype=torch.float64).t())   # a transposed tensor
+    with pytest.raises(ValueError, match="param must be C-contiguous"):
+        fastopt.SGD(torch.ones(5, 2).t())
+    assert (t == 0).all()
+    # the functional calls: every buffer may have any shape of the right size
+    p, m, v = np.zeros((2, 3)), np.zeros((3, 2)), np.zeros(6)
+    fastopt.functional.adam(p, np.ones((6, 1)), m, v, step=1, lr=0.1)
+    np.testing.assert_allclose(p, np.full((2, 3), -0.1), rtol=1e-7)
+    assert m.shape == (3, 2) and np.allclose(m, 0.1)
+    # a 0-d array is a one-element parameter
+    s = np.array(1.0)
+    fastopt.SGD(s, lr=1.0).step(np.array(0.25))
+    assert s == 0.75
 
 
 def test_buffer_protocol_objects():
