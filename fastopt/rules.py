@@ -529,7 +529,8 @@ _add(Rule(
 
 _add(Rule(
     "ASGD", "asgd",
-    (Hyper("lr", 1e-2, check=_finite_lr, doc="learning rate γ"), Hyper("lambd", 1e-4, check=_finite_nonneg("lambd"), doc="decay term λ"),
+    (Hyper("lr", 1e-2, check=_finite_lr, doc="learning rate γ"),
+     Hyper("lambd", 1e-4, check=_finite_nonneg("lambd"), doc="decay term λ"),
      Hyper("alpha", 0.75, check=_nonneg("alpha"), doc="power for η update"),
      Hyper("t0", 1e6, check=_finite("t0"), doc="point at which to start averaging"),
      WD(), MAXIMIZE),

@@ -300,7 +300,7 @@ class FlatGroup:
             if "step" not in state:
                 raise ValueError(f"{where} lacks 'step'")
             t = _number(state["step"], f"{where}: 'step'")
-            if t != int(t) or t < 0:
+            if not 0 <= t < 2 ** 63 or t != int(t):
                 raise ValueError(f"{where}: 'step' must be a whole number >= 0, got {t}")
             t = int(t)
         else:
@@ -309,12 +309,13 @@ class FlatGroup:
             if t > 0 and name not in bufs and rule.step_in_state:
                 raise ValueError(f"{where} lacks {name!r}, which {rule.name} needs with "
                                  "these hyperparameters")
-        scalars = []
+        scalars = {}
         for name, _ in rule.scalars:
             if name not in state:
                 raise ValueError(f"{where} lacks {name!r}")
-            scalars.append(_number(state[name], f"{where}: {name!r}"))
-        return (t, tuple(scalars), frozenset(bufs)), bufs
+            scalars[name] = _number(state[name], f"{where}: {name!r}")
+        rule.validate_scalars(scalars)
+        return (t, tuple(scalars.values()), frozenset(bufs)), bufs
 
     def apply_import(self, i, key, bufs) -> None:
         lo, hi = self.offsets[i], self.offsets[i + 1]
