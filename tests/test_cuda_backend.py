@@ -187,3 +187,69 @@ def test_kernels_have_no_bare_multiply_for_nvvm_to_contract():
         assert r["fmul"] == 0, r
         assert r["mul_rn"] == (["__nv_fmul_rn"] if r["dtype"] == "float32"
                                else ["__nv_dmul_rn"]), r
+
+
+# --------------------------------------------------------------------------
+# FlatParams on the device (Numba arrays here; CuPy and torch in the GPU lane)
+# --------------------------------------------------------------------------
+
+SHAPES = [(3, 4), (5,), (2, 3, 5), (1,), (7,)]
+
+
+@pytest.mark.parametrize("dtype", [None, np.float64], ids=["same", "cast"])
+def test_flat_params_of_device_arrays_is_one_device_buffer(dtype):
+    import fastopt
+    rng = np.random.default_rng(0)
+    host = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    flat = fastopt.FlatParams([_dev(a) for a in host], dtype=dtype)
+    assert CUDA.is_device_array(flat.data) and CUDA.is_device_array(flat.grad)
+    assert flat.dtype == (np.float32 if dtype is None else np.float64)
+    assert flat.numel == sum(a.size for a in host) and flat.device == "cuda:0"
+    for v, gv, a in zip(flat.views, flat.grad_views, host):
+        assert CUDA.is_device_array(v) and tuple(v.shape) == a.shape
+        np.testing.assert_array_equal(v.copy_to_host(), a.astype(flat.dtype))
+        gv.copy_to_device(np.ones(a.shape, flat.dtype))
+    # the views are views: the buffer holds what was written through them
+    np.testing.assert_array_equal(flat.grad.copy_to_host(), np.ones(flat.numel, flat.dtype))
+    opt = fastopt.Adam(flat, lr=0.1)
+    assert opt.backend == "cuda"
+    opt.step(flat.grad)  # one launch for the whole model
+    for v, a in zip(flat.views, host):
+        np.testing.assert_allclose(v.copy_to_host(), a - 0.1, atol=1e-6)
+    out = [_dev(np.zeros(s, flat.dtype)) for s in SHAPES]
+    flat.copy_to(out)
+    for o, v in zip(out, flat.views):
+        np.testing.assert_array_equal(o.copy_to_host(), v.copy_to_host())
+    flat.zero_grad()
+    assert not flat.grad.copy_to_host().any()
+    assert "on cuda:0" in repr(flat)
+
+
+def test_flat_params_refuses_mixed_host_and_device():
+    import fastopt
+    with pytest.raises(TypeError, match=r"arrays\[1\] is a numpy array"):
+        fastopt.FlatParams([_dev(np.ones(3, np.float32)), np.ones(3, np.float32)])
+
+
+def test_flat_params_torch_packing_path_on_cpu_tensors(monkeypatch):
+    # the torch library path (views, copy_, zero_, copy back) run on CPU tensors;
+    # on CUDA tensors it is the same code plus a device (the GPU lane runs that)
+    torch = pytest.importorskip("torch")
+    import fastopt
+    from fastopt import flat as flat_mod
+    monkeypatch.setattr(flat_mod, "_library", lambda a: "torch")
+    src = [torch.randn(*s, requires_grad=True) for s in SHAPES]
+    flat = fastopt.FlatParams(src)
+    assert isinstance(flat.data, torch.Tensor) and flat.dtype == np.float32
+    for v, gv, a in zip(flat.views, flat.grad_views, src):
+        assert v.shape == a.shape and v.data_ptr() >= flat.data.data_ptr()
+        assert torch.equal(v, a.detach())
+        gv.fill_(1.0)
+    opt = fastopt.Adam(flat, lr=0.1)
+    opt.step(flat.grad)
+    for v, a in zip(flat.views, src):
+        assert torch.allclose(v, a.detach() - 0.1, atol=1e-6)
+    flat.copy_to(src)
+    assert all(torch.equal(a.detach(), v) for a, v in zip(src, flat.views))
+    flat.zero_grad()
+    assert not flat.grad.any()

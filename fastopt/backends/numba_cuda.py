@@ -226,9 +226,15 @@ def full(n, dtype, value, like=None):
 
 def _full_here(n, dtype, value):
     out = cuda.device_array(n, dtype=dtype)
-    if n:
-        _fill[_blocks(n, 0), BLOCK_SIZE](out, dtype.type(value))
+    fill(out, value)
     return out
+
+
+def fill(buf, value):
+    """Set every element of the 1-D Numba device array ``buf`` to ``value``."""
+    n = buf.shape[0]
+    if n:
+        _fill[_blocks(n, 0), BLOCK_SIZE](buf, np.dtype(buf.dtype).type(value))
 
 
 def copy_cast(dst, src):
