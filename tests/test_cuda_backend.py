@@ -15,14 +15,12 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")  # before Numba is imported
+import numpy as np
+import pytest
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from fastopt import backends  # noqa: E402
-from fastopt.backends import _numba_math as M  # noqa: E402
-from fastopt.rules import RULES  # noqa: E402
+from fastopt import backends  # conftest chose the simulator or a GPU before this
+from fastopt.backends import _numba_math as M
+from fastopt.rules import RULES
 
 CUDA = backends.load("cuda") if backends.available("cuda") else None
 NUMBA = backends.load("numba")

@@ -14,7 +14,12 @@ gradient seen before (the same Numba/simulator array, or a torch tensor whose
 pointer, length and dtype have not changed) reuses the Numba view made of it
 the first time, so a step makes no driver query and imports nothing. On a real
 GPU the compiled kernel is looked up once (``dispatcher.compile``) and launched
-directly, skipping Numba's per-call argument typing and overload resolution.
+directly (``kernel.launch``), skipping Numba's per-call argument typing and
+overload resolution; ``FASTOPT_CUDA_DIRECT_LAUNCH=0`` goes through the
+dispatcher instead. Numba still converts the six arguments to C values at each
+launch; packing them once and changing only the gradient pointer and the
+scalars would go below Numba's API (driver-level launch) and is left for a GPU
+profile to justify.
 The plain kernel entry points (``adam(param, grad, ...)``) bind and step once.
 
 **Streams.** A torch gradient's launch goes on torch's current stream of the
@@ -55,6 +60,8 @@ tail with the scalar loop.
 tests set them small so that small inputs span several blocks and the stride
 loop runs more than once.
 """
+
+import os
 
 import numba
 import numpy as np
@@ -499,15 +506,11 @@ class Bound:
             self._launch(launch_args, stream)
 
     def _launch(self, args, stream):
-        if _SIM:
+        if self.direct is None:
+            self._prepare_direct(args)
+        if self.direct is False:
             self.dispatcher[self.grid, BLOCK_SIZE, stream](*args)
             return
-        if self.direct is None:
-            # first step: compile (or load from the disk cache) once and keep the
-            # kernel, so later steps skip Numba's typing and overload lookup
-            d = self.dispatcher
-            self.argtypes = tuple(d.typeof_pyval(a) for a in args)
-            self.direct = d.compile(self.argtypes)
         if self.g_type is None:
             self.g_type = numba.typeof(args[1])
         if self.g_type != self.argtypes[1]:
@@ -515,7 +518,45 @@ class Bound:
             # dispatcher compile for it
             self.dispatcher[self.grid, BLOCK_SIZE, stream](*args)
             return
-        self.direct.launch(args, (self.grid, 1, 1), (BLOCK_SIZE, 1, 1), stream, 0)
+        self.direct.launch(args, (self.grid, 1, 1), (BLOCK_SIZE, 1, 1),
+                           _direct_stream(stream), 0)
+
+    def _prepare_direct(self, args):
+        """Compile (or load from the disk cache) once and keep the kernel, so
+        that later steps skip Numba's per-call typing and overload lookup. False
+        (the dispatcher every step) under the simulator, when switched off, or
+        when this Numba's kernels lack the methods used."""
+        self.direct = False
+        if _SIM or not DIRECT_LAUNCH:
+            return
+        d = self.dispatcher
+        try:
+            argtypes = tuple(d.typeof_pyval(a) for a in args)
+            kern = d.compile(argtypes)
+        except Exception:
+            return  # the dispatcher call reports the compile error itself
+        if callable(getattr(kern, "launch", None)):
+            self.argtypes, self.direct = argtypes, kern
+
+
+# Launch the compiled kernel directly (see Bound._launch); FASTOPT_CUDA_DIRECT_LAUNCH=0
+# goes through Numba's dispatcher every step instead.
+DIRECT_LAUNCH = os.environ.get("FASTOPT_CUDA_DIRECT_LAUNCH", "1") != "0"
+
+# numba-cuda >= 0.2x's kernels take a cuda.core stream (its dispatcher converts);
+# Numba's built-in CUDA target takes its own Stream or 0.
+_to_core_stream = None if _SIM else getattr(_drv, "_to_core_stream", None)
+_direct_streams: dict = {}
+
+
+def _direct_stream(stream):
+    if _to_core_stream is None:
+        return stream
+    hit = _direct_streams.get(id(stream))
+    if hit is None:
+        # keep the stream itself in the entry, so that its id stays its own
+        hit = _direct_streams[id(stream)] = (stream, _to_core_stream(stream))
+    return hit[1]
 
 
 def bind(kernel, param, buffers):
