@@ -44,6 +44,7 @@ def test_gpu_harness_end_to_end_on_cpu_tensors(tmp_path):
     cfg.sizes, cfg.rules, cfg.dtypes = [1000, 4096], ["Adam", "SGD"], ["float32"]
     cfg.scenarios, cfg.model_scale, cfg.progress = ["model"], 0.05, False
     cfg.hypers = dict(runner.BENCH_HYPERS)
+    cfg.roof_bytes_per_array = 4 << 20
     doc = B.run_gpu(B.Device(torch, "cpu"), cfg, ["--device", "cuda"])
     assert doc["device"] == "cpu" and doc["roof"][0]["kind"] == "copy"
     assert {(c["rule"], c["n"]) for c in doc["cases"]} == {

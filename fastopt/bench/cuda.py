@@ -152,7 +152,7 @@ def measure_copy(dev, nbytes: int, repeats: int = 7) -> dict:
     src = dev.torch.rand(n, device=dev.kind)
     dst = dev.torch.empty_like(src)
     steps = {"copy": lambda: dst.copy_(src)}
-    t = time_gpu(dev, steps, repeats=repeats, warmup=3, target_sample_s=0.05)["copy"]
+    t = time_gpu(dev, steps, repeats=repeats, warmup=3, target_sample_s=0.02)["copy"]
     del src, dst
     return {"kind": "copy", "bytes_per_array": n * 4, "median_s": t["median_s"],
             "gbps": 2 * n * 4 / t["median_s"] / 1e9}
@@ -247,7 +247,7 @@ def run_gpu(dev, cfg, argv) -> dict:
            "roof": [], "cases": [], "scenarios": {}}
 
     def roof(phase):
-        r = measure_copy(dev, min(ROOF_BYTES, dev.free_bytes() // 4))
+        r = measure_copy(dev, min(cfg.roof_bytes_per_array, dev.free_bytes() // 4))
         r["phase"] = phase
         doc["roof"].append(r)
         return r["gbps"]
@@ -328,6 +328,8 @@ def gpu_config(cfg, args):
         cfg.rules = list(GPU_RULES)
     if not args.scenarios:
         cfg.scenarios = ["model"]
+    if not args.roof_mb:
+        cfg.roof_bytes_per_array = ROOF_BYTES
     cfg.hypers = dict(BENCH_HYPERS)
     return cfg
 
