@@ -187,7 +187,11 @@ class _Torch:
         return arrays
 
     def dtype(self, a):
-        return np.dtype(str(a.dtype).replace("torch.", ""))
+        try:
+            return np.dtype(str(a.dtype).replace("torch.", ""))
+        except TypeError:  # bfloat16 and friends: NumPy has no such type
+            raise TypeError(f"a tensor has dtype {a.dtype}; FlatParams packs float32 or "
+                            "float64 (pass dtype=..., or convert the tensors)") from None
 
     def zeros(self, n, dtype):
         return self.torch.zeros(n, dtype=getattr(self.torch, np.dtype(dtype).name),

@@ -251,3 +251,22 @@ def test_flat_params_torch_packing_path_on_cpu_tensors(monkeypatch):
     assert all(torch.equal(a.detach(), v) for a, v in zip(src, flat.views))
     flat.zero_grad()
     assert not flat.grad.any()
+
+
+class _FakeCudaParameter:
+    """What routing sees of a torch CUDA parameter: is_cuda, and an interface that
+    raises RuntimeError because it requires grad (hasattr does not catch that)."""
+
+    is_cuda = True
+    requires_grad = True
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+
+_FakeCudaParameter.__module__ = "torch"
+
+
+def test_a_cuda_parameter_that_requires_grad_routes_to_cuda():
+    assert backends.for_array(_FakeCudaParameter()) is CUDA

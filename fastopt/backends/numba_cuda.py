@@ -118,6 +118,9 @@ if _SIM:
 
 else:
     def _is_device(x):
+        if _is_torch(x) and hasattr(x, "is_cuda"):
+            # torch's interface raises RuntimeError for a tensor that requires grad
+            return bool(x.is_cuda)
         return hasattr(x, "__cuda_array_interface__")
 
     def _interface(x):
@@ -368,10 +371,16 @@ _TORCH_DTYPES: dict = {}
 
 
 def _torch_dtype(t):
-    dt = _TORCH_DTYPES.get(t.dtype)
-    if dt is None:
-        dt = _TORCH_DTYPES[t.dtype] = np.dtype(str(t.dtype).replace("torch.", ""))
-    return dt
+    """The NumPy dtype of a tensor, or None (bfloat16, say: NumPy has none)."""
+    try:
+        return _TORCH_DTYPES[t.dtype]
+    except KeyError:
+        try:
+            dt = np.dtype(str(t.dtype).replace("torch.", ""))
+        except TypeError:
+            dt = None
+        _TORCH_DTYPES[t.dtype] = dt
+        return dt
 
 
 class Bound:
@@ -451,7 +460,11 @@ class Bound:
             if grad.dim() != 1 or not grad.is_contiguous():
                 raise ValueError(f"{self.rule}: grad must be a C-contiguous 1-D array, got "
                                  f"shape {tuple(grad.shape)} with strides {grad.stride()}")
-            key = (grad.data_ptr(), grad.shape[0], _torch_dtype(grad))
+            dt = _torch_dtype(grad)
+            if dt is None:
+                raise TypeError(f"{self.rule}: grad has dtype {grad.dtype}, param has dtype "
+                                f"{self.dtype}")
+            key = (grad.data_ptr(), grad.shape[0], dt)
             if self.torch_stream is None:
                 import torch  # once per Bound, at the first torch gradient
                 self.torch_stream = torch.cuda.current_stream
