@@ -41,10 +41,11 @@ even without fastmath, which would make the GPU round differently from the
 CPU. ``_numba_math`` writes every product as ``_mul(a, b)``, which this module
 maps to libdevice's ``fmul_rn``/``dmul_rn`` (PTX ``mul.rn``: rounded on its
 own, never fused); adds, divisions and square roots are IEEE-rounded by NVVM's
-defaults (no fastmath, so ``-prec-div=1 -prec-sqrt=1 -ftz=0``). The CUDA
-kernels therefore compute the CPU kernels' results bit for bit. The simulator
-cannot show contraction: the GPU test lane (tests/test_cuda_gpu.py) checks the
-bitwise equality on a real GPU.
+defaults (no fastmath, so ``-prec-div=1 -prec-sqrt=1 -ftz=0``). So the CUDA
+kernels should compute the CPU kernels' results bit for bit. The simulator
+cannot show contraction: tests/test_cuda_backend.py checks that the kernels'
+LLVM IR has no bare multiply left, and the GPU lane (tests/test_cuda_gpu.py)
+checks the bits on a real GPU (not yet run: no GPU was available).
 
 **Not done: 16-byte vector loads.** Numba CUDA has no way to load a ``float4``
 from a ``float32`` array, and whether NVVM's load/store vectoriser merges four
@@ -389,7 +390,8 @@ class Bound:
     launches; nothing is written when the check fails."""
 
     __slots__ = ("rule", "names", "n", "dtype", "device", "coefs", "arrays", "ranges",
-                 "grid", "dispatcher", "direct", "argtypes", "multi_gpu", "torch_stream",
+                 "grid", "block", "dispatcher", "direct", "argtypes", "multi_gpu",
+                 "torch_stream",
                  "g_obj", "g_key", "g_dev", "g_type", "g_stream")
 
     def __init__(self, kernel, param, buffers):
@@ -434,7 +436,7 @@ class Bound:
         pd = _as_device(p)
         self.arrays = (pd,) + tuple(pd if info is None else _as_device(info[0])
                                     for info in infos)
-        self.grid = _blocks(n, dev) if n else 1
+        self.grid, self.block = (_blocks(n, dev) if n else 1), BLOCK_SIZE
         self.dispatcher = kernel_for(kernel, [info is not None for info in infos])
         self.direct = self.argtypes = None
         self.multi_gpu = (not _SIM) and len(cuda.gpus) > 1
@@ -522,16 +524,16 @@ class Bound:
         if self.direct is None:
             self._prepare_direct(args)
         if self.direct is False:
-            self.dispatcher[self.grid, BLOCK_SIZE, stream](*args)
+            self.dispatcher[self.grid, self.block, stream](*args)
             return
         if self.g_type is None:
             self.g_type = numba.typeof(args[1])
         if self.g_type != self.argtypes[1]:
             # a gradient Numba types differently (a read-only view, say): let the
             # dispatcher compile for it
-            self.dispatcher[self.grid, BLOCK_SIZE, stream](*args)
+            self.dispatcher[self.grid, self.block, stream](*args)
             return
-        self.direct.launch(args, (self.grid, 1, 1), (BLOCK_SIZE, 1, 1),
+        self.direct.launch(args, (self.grid, 1, 1), (self.block, 1, 1),
                            _direct_stream(stream), 0)
 
     def _prepare_direct(self, args):
