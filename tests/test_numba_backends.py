@@ -195,7 +195,7 @@ CUDA_STEPS = 12   # RAdam: ρ_t > 5 from t = 6, ASGD: μ ≠ 1 from t = 5
 @pytest.fixture
 def small_grid(monkeypatch):
     monkeypatch.setattr(CUDA, "BLOCK_SIZE", 32)
-    monkeypatch.setattr(CUDA, "MAX_BLOCKS", 8)  # 256 threads: each loops ~4 times
+    monkeypatch.setattr(CUDA, "MAX_BLOCKS", 2)  # 64 threads: each loops ~16 times
 
 
 @pytest.mark.skipif(CUDA is None, reason="Numba CUDA (or its simulator) unavailable")

@@ -88,6 +88,10 @@ DEFAULT = _select_default()
 def _is_device_array(obj) -> bool:
     if obj is None or type(obj).__module__ == "numpy":
         return False
+    if (type(obj).__module__ or "").startswith("torch") and hasattr(obj, "is_cuda"):
+        # asked directly: torch's interface raises RuntimeError (which hasattr lets
+        # through) for a tensor that requires grad, a parameter say
+        return bool(obj.is_cuda)
     if hasattr(obj, "__cuda_array_interface__"):
         return True
     # Numba's simulator arrays expose only __array_interface__: ask the backend

@@ -25,7 +25,15 @@ Bitwise agreement with the compiled backend rests on three things:
 2. the same operation order as rules.pxi (``a * b * c`` is ``(a * b) * c`` in
    both languages);
 3. no FMA contraction and no fastmath: the Cython build uses
-   ``-ffp-contract=off``, and Numba does not contract without fastmath.
+   ``-ffp-contract=off``, and Numba's CPU target does not contract without
+   fastmath. NVVM (the CUDA compiler) does: it fuses a multiply feeding an add
+   into an FMA by default, fastmath or not. So every product goes through
+   ``_mul``: ``a * b`` on the CPU and in the simulator, and on the CUDA target
+   libdevice's ``fmul_rn``/``dmul_rn`` (PTX ``mul.rn``), a multiply rounded on
+   its own that NVVM never fuses (``use_rounded_device_products``, called by the
+   CUDA backend). An add or a subtract alone cannot be fused, nor can a division
+   or a square root (NVVM's defaults round them as IEEE 754 does), so the CUDA
+   kernels round exactly like the CPU ones.
 """
 
 import hashlib
@@ -74,6 +82,42 @@ def _max(a, b):
     return a if (a > b or a != a) else b
 
 
+def _mul(a, b):
+    # a product rounded on its own: never contracted with an add (see point 3
+    # of the module docstring). Both operands have the buffers' type.
+    return a * b
+
+
+@overload(_mul, target="cpu")
+def _mul_cpu(a, b):
+    return lambda a, b: a * b
+
+
+_DEVICE_PRODUCTS = []
+
+
+def use_rounded_device_products():
+    """Register ``_mul`` for the CUDA target: libdevice's ``fmul_rn``/``dmul_rn``.
+    Called once by ``numba_cuda`` after it imported ``numba.cuda`` (the CUDA target
+    exists only then). Mixed or non-float operands find no implementation, so a
+    float64 constant leaking into float32 math fails to compile instead of
+    silently promoting."""
+    if _DEVICE_PRODUCTS:
+        return
+    from numba import types
+    from numba.cuda import libdevice
+
+    @overload(_mul, target="cuda")
+    def _mul_cuda(a, b):
+        if a == types.float32 and b == types.float32:
+            return lambda a, b: libdevice.fmul_rn(a, b)
+        if a == types.float64 and b == types.float64:
+            return lambda a, b: libdevice.dmul_rn(a, b)
+        return None
+
+    _DEVICE_PRODUCTS.append(_mul_cuda)
+
+
 def _sign(x):
     # torch.sign: 1, -1, and 0 for ±0 and NaN (so Rprop skips a NaN gradient,
     # as torch does; Lion follows the same sign)
@@ -108,14 +152,14 @@ def sgd(p, g, b, _a1, _a2, k, has_b, _h1, _h2):
     lr, wd, decay, mom, omd, nesterov, first, maximize, use_wd, use_decay = k
     gi = -g if maximize else g
     if use_decay:
-        p = p * decay
+        p = _mul(p, decay)
     if use_wd:
-        gi = gi + wd * p
+        gi = gi + _mul(wd, p)
     if has_b:
-        bi = gi if first else mom * b + omd * gi
+        bi = gi if first else _mul(mom, b) + _mul(omd, gi)
         b = bi
-        gi = gi + mom * bi if nesterov else bi
-    p = p - lr * gi
+        gi = gi + _mul(mom, bi) if nesterov else bi
+    p = p - _mul(lr, gi)
     return p, b, _a1, _a2
 
 
@@ -131,16 +175,16 @@ def adam(p, g, m, v, vmax, k, _h0, _h1, amsgrad):
     step_size, omb1, b2, omb2, inv_bc2s, eps, wd, decay, maximize, use_wd, use_decay = k
     gi = -g if maximize else g
     if use_decay:
-        p = p * decay
+        p = _mul(p, decay)
     if use_wd:
-        gi = gi + wd * p
-    mi = m + omb1 * (gi - m)
-    vi = b2 * v + omb2 * gi * gi
+        gi = gi + _mul(wd, p)
+    mi = m + _mul(omb1, gi - m)
+    vi = _mul(b2, v) + _mul(_mul(omb2, gi), gi)
     if amsgrad:
         vmax = _max(vmax, vi)
-        p = p - step_size * mi / (_sqrt(vmax) * inv_bc2s + eps)
+        p = p - _mul(step_size, mi) / (_mul(_sqrt(vmax), inv_bc2s) + eps)
     else:
-        p = p - step_size * mi / (_sqrt(vi) * inv_bc2s + eps)
+        p = p - _mul(step_size, mi) / (_mul(_sqrt(vi), inv_bc2s) + eps)
     return p, mi, vi, vmax
 
 
@@ -155,9 +199,9 @@ def adagrad(p, g, s, _a1, _a2, k, _h0, _h1, _h2):
     clr, eps, wd, maximize, use_wd = k
     gi = -g if maximize else g
     if use_wd:
-        gi = gi + wd * p
-    si = s + gi * gi
-    p = p - clr * gi / (_sqrt(si) + eps)
+        gi = gi + _mul(wd, p)
+    si = s + _mul(gi, gi)
+    p = p - _mul(clr, gi) / (_sqrt(si) + eps)
     return p, si, _a1, _a2
 
 
@@ -173,18 +217,18 @@ def rmsprop(p, g, v, b, ga, k, _h0, has_b, centered):
     lr, alpha, oma, eps, wd, mom, maximize, use_wd = k
     gi = -g if maximize else g
     if use_wd:
-        gi = gi + wd * p
-    vi = alpha * v + oma * gi * gi
+        gi = gi + _mul(wd, p)
+    vi = _mul(alpha, v) + _mul(_mul(oma, gi), gi)
     if centered:
-        ga = ga + oma * (gi - ga)
-        avg = _sqrt(vi - ga * ga) + eps
+        ga = ga + _mul(oma, gi - ga)
+        avg = _sqrt(vi - _mul(ga, ga)) + eps
     else:
         avg = _sqrt(vi) + eps
     if has_b:
-        b = mom * b + gi / avg
-        p = p - lr * b
+        b = _mul(mom, b) + gi / avg
+        p = p - _mul(lr, b)
     else:
-        p = p - lr * gi / avg
+        p = p - _mul(lr, gi) / avg
     return p, vi, b, ga
 
 
@@ -199,11 +243,11 @@ def adadelta(p, g, v, u, _a2, k, _h0, _h1, _h2):
     lr, rho, omr, eps, wd, maximize, use_wd = k
     gi = -g if maximize else g
     if use_wd:
-        gi = gi + wd * p
-    vi = rho * v + omr * gi * gi
-    delta = _sqrt(u + eps) / _sqrt(vi + eps) * gi
-    u = rho * u + omr * delta * delta
-    p = p - lr * delta
+        gi = gi + _mul(wd, p)
+    vi = _mul(rho, v) + _mul(_mul(omr, gi), gi)
+    delta = _mul(_sqrt(u + eps) / _sqrt(vi + eps), gi)
+    u = _mul(rho, u) + _mul(_mul(omr, delta), delta)
+    p = p - _mul(lr, delta)
     return p, vi, u, _a2
 
 
@@ -218,10 +262,10 @@ def adamax(p, g, m, u, _a2, k, _h0, _h1, _h2):
     clr, omb1, b2, eps, wd, maximize, use_wd = k
     gi = -g if maximize else g
     if use_wd:
-        gi = gi + wd * p
-    mi = m + omb1 * (gi - m)
-    ui = _max(b2 * u, abs(gi) + eps)
-    p = p - clr * mi / ui
+        gi = gi + _mul(wd, p)
+    mi = m + _mul(omb1, gi - m)
+    ui = _max(_mul(b2, u), abs(gi) + eps)
+    p = p - _mul(clr, mi) / ui
     return p, mi, ui, _a2
 
 
@@ -237,14 +281,14 @@ def nadam(p, g, m, v, _a2, k, _h0, _h1, _h2):
     gcoef, mcoef, omb1, b2, omb2, bc2, eps, wd, decay, maximize, use_wd, use_decay = k
     gi = -g if maximize else g
     if use_decay:
-        p = p * decay
+        p = _mul(p, decay)
     if use_wd:
-        gi = gi + wd * p
-    mi = m + omb1 * (gi - m)
-    vi = b2 * v + omb2 * gi * gi
+        gi = gi + _mul(wd, p)
+    mi = m + _mul(omb1, gi - m)
+    vi = _mul(b2, v) + _mul(_mul(omb2, gi), gi)
     denom = _sqrt(vi / bc2) + eps
-    pi = p - gcoef * gi / denom
-    p = pi - mcoef * mi / denom
+    pi = p - _mul(gcoef, gi) / denom
+    p = pi - _mul(mcoef, mi) / denom
     return p, mi, vi, _a2
 
 
@@ -262,15 +306,15 @@ def radam(p, g, m, v, _a2, k, _h0, _h1, _h2):
      maximize, use_wd, use_decay) = k
     gi = -g if maximize else g
     if use_decay:
-        p = p * decay
+        p = _mul(p, decay)
     if use_wd:
-        gi = gi + wd * p
-    mi = m + omb1 * (gi - m)
-    vi = b2 * v + omb2 * gi * gi
+        gi = gi + _mul(wd, p)
+    mi = m + _mul(omb1, gi - m)
+    vi = _mul(b2, v) + _mul(_mul(omb2, gi), gi)
     if rectified:
-        p = p - mi / bc1 * lr * (bc2s / (_sqrt(vi) + eps)) * rect
+        p = p - _mul(_mul(_mul(mi / bc1, lr), bc2s / (_sqrt(vi) + eps)), rect)
     else:
-        p = p - mi / bc1 * lr
+        p = p - _mul(mi / bc1, lr)
     return p, mi, vi, _a2
 
 
@@ -285,10 +329,10 @@ def asgd(p, g, ax, _a1, _a2, k, _h0, _h1, _h2):
     eta, decay, mu, wd, maximize, use_wd, average = k
     gi = -g if maximize else g
     if use_wd:
-        gi = gi + wd * p
-    pi = p * decay
-    pi = pi - eta * gi
-    ax = ax + (pi - ax) * mu if average else pi
+        gi = gi + _mul(wd, p)
+    pi = _mul(p, decay)
+    pi = pi - _mul(eta, gi)
+    ax = ax + _mul(pi - ax, mu) if average else pi
     return pi, ax, _a1, _a2
 
 
@@ -302,13 +346,13 @@ def rprop_coefs(c, dt):
 def rprop(p, g, prev, step, _a2, k, _h0, _h1, _h2):
     etaminus, etaplus, smin, smax, one, zero, maximize = k
     gi = -g if maximize else g
-    s = gi * prev
+    s = _mul(gi, prev)
     # torch: sign(s) with sign(NaN) = 0, so NaN takes the factor 1
     factor = etaplus if s > 0 else (etaminus if s < 0 else one)
-    st = step * factor
+    st = _mul(step, factor)
     st = smin if st < smin else (smax if st > smax else st)
     gi = zero if s < 0 else gi
-    p = p - _sign(gi) * st
+    p = p - _mul(_sign(gi), st)
     return p, gi, st, _a2
 
 
@@ -324,10 +368,10 @@ def lion(p, g, m, _a1, _a2, k, _h0, _h1, _h2):
     lr, b1, omb1, b2, omb2, decay, maximize, use_decay = k
     gi = -g if maximize else g
     if use_decay:
-        p = p * decay
-    ci = b1 * m + omb1 * gi
-    p = p - lr * _sign(ci)
-    m = b2 * m + omb2 * gi
+        p = _mul(p, decay)
+    ci = _mul(b1, m) + _mul(omb1, gi)
+    p = p - _mul(lr, _sign(ci))
+    m = _mul(b2, m) + _mul(omb2, gi)
     return p, m, _a1, _a2
 
 

@@ -2,22 +2,67 @@
 
 Any array that exposes ``__cuda_array_interface__`` works (Numba device arrays,
 CuPy arrays, torch CUDA tensors) and is used in place: no host copy, no
-synchronisation beyond the launch itself, which goes on the stream the
-parameter's interface names (torch's current stream, say) so it is ordered
-after the work that produced the gradient. Under the CUDA simulator
+synchronisation beyond the launch itself. Under the CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``, set before Numba is imported) the simulator's
 device arrays stand in for real ones.
 
-Each kernel is a grid-stride loop around the same per-element functions as the
-CPU backend (``_numba_math``), so one thread computes what one iteration of the
-CPU loop computes, in float32 for float32 buffers. An absent state buffer is
-passed as the parameter itself (read, never written) with a flag saying so: a
-CUDA kernel cannot take ``None``.
+**Bound steps.** ``bind(kernel, param, buffers)`` describes and checks the
+parameter and its state once (pointers, lengths, dtype, device ordinal,
+overlap, grid size, kernel variant, stream policy) and returns a ``Bound``
+whose ``step(grad, args, nthreads)`` checks only the gradient and launches. A
+gradient seen before (the same Numba/simulator array, or a torch tensor whose
+pointer, length and dtype have not changed) reuses the Numba view made of it
+the first time, so a step makes no driver query and imports nothing. On a real
+GPU the compiled kernel is looked up once (``dispatcher.compile``) and launched
+directly (``kernel.launch``), skipping Numba's per-call argument typing and
+overload resolution; ``FASTOPT_CUDA_DIRECT_LAUNCH=0`` goes through the
+dispatcher instead. Numba still converts the six arguments to C values at each
+launch; packing them once and changing only the gradient pointer and the
+scalars would go below Numba's API (driver-level launch) and is left for a GPU
+profile to justify.
+The plain kernel entry points (``adam(param, grad, ...)``) bind and step once.
 
-``BLOCK_SIZE`` (threads per block) and ``MAX_BLOCKS`` (grid size cap; beyond it
-threads loop) are module variables: tests set them small so that small inputs
-span several blocks and the stride loop runs more than once.
+**Streams.** A torch gradient's launch goes on torch's current stream of the
+parameter's device, read at each step (torch's interface names no stream). Any
+other array's launch goes on the stream its ``__cuda_array_interface__`` names
+(CuPy's current stream, a Numba array's stream), else on the default stream.
+
+**Kernels.** A grid-stride loop around the same per-element functions as the
+CPU backend (``_numba_math``), so one thread computes what one iteration of the
+CPU loop computes, in float32 for float32 buffers. One kernel is compiled per
+rule and pattern of present state buffers: the presence flags are constants of
+the kernel, so an absent buffer is never read or written (the parameter is
+passed in its slot because a CUDA kernel cannot take ``None``). The grid is
+``SMs x (threads per SM / BLOCK_SIZE)`` blocks, worked out once per device,
+and no more blocks than the buffer needs.
+
+**Rounding.** NVVM contracts a multiply feeding an add into an FMA by default,
+even without fastmath, which would make the GPU round differently from the
+CPU. ``_numba_math`` writes every product as ``_mul(a, b)``, which this module
+maps to libdevice's ``fmul_rn``/``dmul_rn`` (PTX ``mul.rn``: rounded on its
+own, never fused); adds, divisions and square roots are IEEE-rounded by NVVM's
+defaults (no fastmath, so ``-prec-div=1 -prec-sqrt=1 -ftz=0``). So the CUDA
+kernels should compute the CPU kernels' results bit for bit. The simulator
+cannot show contraction: tests/test_cuda_backend.py checks that the kernels'
+LLVM IR has no bare multiply left, and the GPU lane (tests/test_cuda_gpu.py)
+checks the bits on a real GPU (not yet run: no GPU was available).
+
+**Not done: 16-byte vector loads.** Numba CUDA has no way to load a ``float4``
+from a ``float32`` array, and whether NVVM's load/store vectoriser merges four
+scalar loads cannot be seen under the simulator. The loop uses coalesced scalar
+loads. The plan, to be measured on a GPU: pass each buffer also as a
+``(n // 4, 4)`` view when all five pointers are 16-byte aligned, let each
+thread handle one row with the four element calls unrolled, check the PTX for
+``ld.global.v4.f32`` (``dispatcher.inspect_asm``), and handle the ``n % 4``
+tail with the scalar loop.
+
+``BLOCK_SIZE`` (threads per block) and ``MAX_BLOCKS`` (a cap on the grid;
+``None``: sized to the device) are module variables read when a step is bound:
+tests set them small so that small inputs span several blocks and the stride
+loop runs more than once.
 """
+
+import os
 
 import numba
 import numpy as np
@@ -28,10 +73,18 @@ from fastopt.rules import KERNELS
 
 NAME = "cuda"
 BLOCK_SIZE = 256
-MAX_BLOCKS = 4096
+MAX_BLOCKS = None
 
 _SIM = bool(numba.config.ENABLE_CUDASIM)
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+if not _SIM:
+    from numba.cuda.cudadrv import driver as _drv
+    from numba.cuda.cudadrv import enums as _enums
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray as _NumbaArray
+    M.use_rounded_device_products()
+else:
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _NumbaArray
 
 
 def max_threads():
@@ -42,11 +95,21 @@ def max_threads():
 # Device arrays: what counts as one, and what its interface says.
 # --------------------------------------------------------------------------
 
-if _SIM:
-    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _SimArray
+def _is_torch(x):
+    return (type(x).__module__ or "").startswith("torch")
 
+
+def _plain(x):
+    """``x`` without autograd: torch refuses the CUDA array interface of a tensor
+    that requires grad, and fastopt writes parameters in place anyway."""
+    if _is_torch(x) and getattr(x, "requires_grad", False):
+        return x.detach()
+    return x
+
+
+if _SIM:
     def _is_device(x):
-        return isinstance(x, _SimArray)
+        return isinstance(x, _NumbaArray)
 
     def _interface(x):
         return x.__array_interface__  # the simulator forwards to its host array
@@ -56,38 +119,42 @@ if _SIM:
 
 else:
     def _is_device(x):
+        if _is_torch(x) and hasattr(x, "is_cuda"):
+            # torch's interface raises RuntimeError for a tensor that requires grad
+            return bool(x.is_cuda)
         return hasattr(x, "__cuda_array_interface__")
 
     def _interface(x):
         return x.__cuda_array_interface__
 
     def _as_device(x):
-        if isinstance(x, cuda.devicearray.DeviceNDArray):
+        if isinstance(x, _NumbaArray):
             return x
         # sync=False: ordering comes from launching on the array's stream
-        return cuda.as_cuda_array(x, sync=False)
+        return cuda.as_cuda_array(_plain(x), sync=False)
 
 
 def _pointer_device(ptr):
-    """The ordinal of the GPU that owns ``ptr``, or None when it cannot be told."""
+    """The ordinal of the GPU that owns ``ptr`` (a driver query: called when an
+    array is first seen, never per step), or None when it cannot be told."""
     if _SIM or ptr == 0:
         return 0
     try:
-        from numba.cuda.cudadrv import driver as drv
-        from numba.cuda.cudadrv import enums
-        if drv.USE_NV_BINDING:
-            attr = drv.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
-            return int(drv.driver.cuPointerGetAttribute(attr, drv.binding.CUdeviceptr(ptr)))
+        if _drv.USE_NV_BINDING:
+            attr = _drv.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+            return int(_drv.driver.cuPointerGetAttribute(attr, _drv.binding.CUdeviceptr(ptr)))
         import ctypes
         out = ctypes.c_int()
-        drv.driver.cuPointerGetAttribute(ctypes.byref(out),
-                                         enums.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr)
+        _drv.driver.cuPointerGetAttribute(ctypes.byref(out),
+                                          _enums.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr)
         return out.value
     except Exception:
         return None
 
 
 def _device_of(x, ptr):
+    if _SIM:
+        return 0
     dev = getattr(x, "device", None)
     idx = getattr(dev, "index", None)  # torch.device
     if idx is None:
@@ -100,15 +167,17 @@ def _device_of(x, ptr):
 _streams: dict = {}
 
 
-def _stream_of(desc):
-    """The stream to launch on: the one the parameter's interface names, else 0."""
-    handle = desc.get("stream") if not _SIM else None
-    if not handle:
-        return 0
+def _external_stream(handle):
     s = _streams.get(handle)
     if s is None:
         s = _streams[handle] = cuda.external_stream(handle)
     return s
+
+
+def _stream_of(desc):
+    """The stream an interface names, else 0 (the default stream)."""
+    handle = desc.get("stream") if not _SIM else None
+    return _external_stream(handle) if handle else 0
 
 
 # --------------------------------------------------------------------------
@@ -137,6 +206,14 @@ def _fill(out, value):
         out[i] = value
 
 
+@cuda.jit
+def _copy(out, src):
+    # a cast where the dtypes differ (FlatParams packing Numba arrays)
+    start = cuda.grid(1)
+    for i in range(start, out.shape[0], cuda.gridsize(1)):
+        out[i] = src[i]
+
+
 def full(n, dtype, value, like=None):
     """A new device buffer of ``n`` elements filled with ``value``, on ``like``'s
     GPU (and of like's array library when that is torch or CuPy)."""
@@ -160,16 +237,29 @@ def full(n, dtype, value, like=None):
 
 def _full_here(n, dtype, value):
     out = cuda.device_array(n, dtype=dtype)
-    if n:
-        _fill[_blocks(n), BLOCK_SIZE](out, dtype.type(value))
+    fill(out, value)
     return out
+
+
+def fill(buf, value):
+    """Set every element of the 1-D Numba device array ``buf`` to ``value``."""
+    n = buf.shape[0]
+    if n:
+        _fill[_blocks(n, 0), BLOCK_SIZE](buf, np.dtype(buf.dtype).type(value))
+
+
+def copy_cast(dst, src):
+    """``dst[:] = src`` between Numba device arrays of one length, casting."""
+    n = dst.shape[0]
+    if n:
+        _copy[_blocks(n, 0), BLOCK_SIZE](dst, src)
 
 
 def to_host(buf):
     if _SIM:
         return np.array(buf.copy_to_host(), copy=True)
     # sync=True: the copy must see the work queued on the buffer's stream
-    return cuda.as_cuda_array(buf, sync=True).copy_to_host()
+    return cuda.as_cuda_array(_plain(buf), sync=True).copy_to_host()
 
 
 def copy_from_host(dst, host):
@@ -182,19 +272,51 @@ def copy_from_host(dst, host):
 
 
 # --------------------------------------------------------------------------
-# The kernels: one grid-stride loop per rule around its _numba_math pair.
+# Grid size: SMs x resident blocks per SM, worked out once per device.
 # --------------------------------------------------------------------------
 
-def _blocks(n):
-    return max(1, min((n + BLOCK_SIZE - 1) // BLOCK_SIZE, MAX_BLOCKS))
+_grid_caps: dict = {}
 
 
-def _kernel(element):
+def _device_blocks(dev):
+    cap = _grid_caps.get((dev, BLOCK_SIZE))
+    if cap is None:
+        sms, per_sm = 1, 2048
+        if not _SIM:
+            with cuda.gpus[dev or 0]:
+                d = cuda.get_current_device()
+                sms = int(getattr(d, "MULTIPROCESSOR_COUNT", 1))
+                per_sm = int(getattr(d, "MAX_THREADS_PER_MULTI_PROCESSOR", 2048))
+        cap = _grid_caps[(dev, BLOCK_SIZE)] = max(1, sms * max(1, per_sm // BLOCK_SIZE))
+    return cap
+
+
+def _blocks(n, dev):
+    cap = _device_blocks(dev)
+    if MAX_BLOCKS is not None:
+        cap = min(cap, MAX_BLOCKS) if not _SIM else MAX_BLOCKS
+    return max(1, min((n + BLOCK_SIZE - 1) // BLOCK_SIZE, cap))
+
+
+# --------------------------------------------------------------------------
+# The kernels: one grid-stride loop per rule and pattern of present buffers.
+# --------------------------------------------------------------------------
+
+def _make_kernel(element, h0, h1, h2):
+    digest = M.SOURCE_DIGEST  # in the closure, hence in the cache key (see _numba_math)
+
     @cuda.jit(cache=not _SIM)
-    def kernel(p, g, s0, s1, s2, k, h0, h1, h2):
+    def kernel(p, g, s0, s1, s2, k):
+        digest  # noqa: B018 (kept in the closure on purpose)
         start = cuda.grid(1)
         for i in range(start, p.shape[0], cuda.gridsize(1)):
-            pi, a0, a1, a2 = element(p[i], g[i], s0[i], s1[i], s2[i], k, h0, h1, h2)
+            pi = p[i]
+            # h0..h2 are constants: an absent buffer's load is compiled out (the
+            # element function ignores the stand-in value)
+            a0 = s0[i] if h0 else pi
+            a1 = s1[i] if h1 else pi
+            a2 = s2[i] if h2 else pi
+            pi, a0, a1, a2 = element(pi, g[i], a0, a1, a2, k, h0, h1, h2)
             p[i] = pi
             if h0:
                 s0[i] = a0
@@ -205,17 +327,33 @@ def _kernel(element):
     return kernel
 
 
-_KERNELS = {kernel: _kernel(element) for kernel, (_, element, _, _) in M.RULES.items()}
+_KERNELS: dict = {}
 
+
+def kernel_for(kernel, present):
+    """The compiled-on-first-use kernel of rule ``kernel`` for the presence flags
+    ``present`` (three bools)."""
+    key = (kernel, tuple(bool(h) for h in present))
+    k = _KERNELS.get(key)
+    if k is None:
+        element = M.RULES[kernel][1]
+        k = _KERNELS[key] = _make_kernel(element, *key[1])
+    return k
+
+
+# --------------------------------------------------------------------------
+# Binding: everything but the gradient, once.
+# --------------------------------------------------------------------------
 
 def _describe(rule, name, x, writable):
-    """(pointer, length, dtype, interface) of a device array, after checking it is
-    one, 1-D, contiguous and (for buffers written) writable."""
+    """(array, pointer, length, dtype, interface) of a device array, after checking
+    it is one, 1-D, contiguous and (for buffers written) writable."""
     if x is None:
         raise TypeError(f"{rule}: {name} must be an array, got None")
     if not _is_device(x):
         raise TypeError(f"{rule}: {name} must be a CUDA array (__cuda_array_interface__), "
                         f"got {type(x).__name__}")
+    x = _plain(x)
     desc = _interface(x)
     shape = tuple(desc["shape"])
     dtype = np.dtype(desc["typestr"])
@@ -227,60 +365,222 @@ def _describe(rule, name, x, writable):
     ptr, readonly = desc["data"]
     if writable and readonly:
         raise ValueError(f"{rule}: {name} is read-only")
-    return ptr, shape[0], dtype, desc
+    return x, ptr, shape[0], dtype, desc
+
+
+_TORCH_DTYPES: dict = {}
+
+
+def _torch_dtype(t):
+    """The NumPy dtype of a tensor, or None (bfloat16, say: NumPy has none)."""
+    try:
+        return _TORCH_DTYPES[t.dtype]
+    except KeyError:
+        try:
+            dt = np.dtype(str(t.dtype).replace("torch.", ""))
+        except TypeError:
+            dt = None
+        _TORCH_DTYPES[t.dtype] = dt
+        return dt
+
+
+class Bound:
+    """One parameter and its state, bound to one kernel. ``step(grad, args,
+    nthreads)`` checks ``grad`` (type, dtype, length, device, overlap) and
+    launches; nothing is written when the check fails."""
+
+    __slots__ = ("rule", "names", "n", "dtype", "device", "coefs", "arrays", "ranges",
+                 "grid", "block", "dispatcher", "direct", "argtypes", "multi_gpu",
+                 "torch_stream",
+                 "g_obj", "g_key", "g_dev", "g_type", "g_stream")
+
+    def __init__(self, kernel, param, buffers):
+        coefs, _, rule, names = M.RULES[kernel]
+        buffers = tuple(buffers) + (None,) * (3 - len(buffers))
+        self.rule, self.names, self.coefs = rule, names, coefs
+        p, pptr, n, dt, _ = _describe(rule, names[0], param, True)
+        if dt not in _DTYPES:
+            raise TypeError(f"{rule}: param must be float32 or float64, got {dt}")
+        infos = [None if b is None else _describe(rule, names[2 + k], b, True)
+                 for k, b in enumerate(buffers)]
+        for k, info in enumerate(infos):
+            if info is None:
+                continue
+            if info[3] != dt:
+                raise TypeError(f"{rule}: {names[2 + k]} has dtype {info[3]}, "
+                                f"param has dtype {dt}")
+            if info[2] != n:
+                raise ValueError(f"{rule}: {names[2 + k]} has length {info[2]}, "
+                                 f"param has length {n}")
+        dev = _device_of(p, pptr) if n else 0
+        for k, info in enumerate(infos):
+            if info is not None and n:
+                d = _device_of(info[0], info[1])
+                if d != dev:
+                    raise ValueError(f"{rule}: {names[2 + k]} is on GPU {d}, param is on "
+                                     f"GPU {dev}; every buffer must be on the parameter's "
+                                     "device")
+        nbytes = n * dt.itemsize
+        # (name, lo, hi) of every present buffer, param first: the overlap check
+        ranges = [(names[0], pptr, pptr + nbytes)]
+        for k, info in enumerate(infos):
+            if info is not None:
+                ranges.append((names[2 + k], info[1], info[1] + nbytes))
+        if n:
+            for i, (na, alo, ahi) in enumerate(ranges):
+                for nb, blo, bhi in ranges[i + 1:]:
+                    if alo < bhi and blo < ahi:
+                        raise ValueError(f"{rule}: {nb} shares memory with {na}; every "
+                                         "buffer must be distinct")
+        self.n, self.dtype, self.device, self.ranges = n, dt, dev, tuple(ranges)
+        pd = _as_device(p)
+        self.arrays = (pd,) + tuple(pd if info is None else _as_device(info[0])
+                                    for info in infos)
+        self.grid, self.block = (_blocks(n, dev) if n else 1), BLOCK_SIZE
+        self.dispatcher = kernel_for(kernel, [info is not None for info in infos])
+        self.direct = self.argtypes = None
+        self.multi_gpu = (not _SIM) and len(cuda.gpus) > 1
+        self.torch_stream = None
+        if _is_torch(param):
+            import torch  # binding is not the hot path
+            self.torch_stream = torch.cuda.current_stream
+        self.g_obj = self.g_key = self.g_dev = self.g_type = None
+        self.g_stream = 0
+
+    # -- the gradient ---------------------------------------------------------
+    def _grad(self, grad):
+        """The Numba view of ``grad`` and the stream to launch on. The view made
+        of a gradient is kept for the next step while its (pointer, length,
+        dtype) stay the same, and a Numba array seen last step is not looked at
+        again: its pointer and shape cannot change."""
+        if grad is self.g_obj:
+            return self.g_dev, self.g_stream
+        if _is_torch(grad):
+            if grad.device.type != "cuda":
+                raise TypeError(f"{self.rule}: grad must be a CUDA tensor, got one on "
+                                f"{grad.device}")
+            if grad.dim() != 1 or not grad.is_contiguous():
+                raise ValueError(f"{self.rule}: grad must be a C-contiguous 1-D array, got "
+                                 f"shape {tuple(grad.shape)} with strides {grad.stride()}")
+            dt = _torch_dtype(grad)
+            if dt is None:
+                raise TypeError(f"{self.rule}: grad has dtype {grad.dtype}, param has dtype "
+                                f"{self.dtype}")
+            key = (grad.data_ptr(), grad.shape[0], dt)
+            if self.torch_stream is None:
+                import torch  # once per Bound, at the first torch gradient
+                self.torch_stream = torch.cuda.current_stream
+            handle = self.torch_stream(self.device).cuda_stream
+            stream = _external_stream(handle) if handle else 0
+        else:
+            if grad is None or not _is_device(grad):
+                raise TypeError(f"{self.rule}: grad must be a CUDA array "
+                                f"(__cuda_array_interface__), got {type(grad).__name__}")
+            _, ptr, n, dt, desc = _describe(self.rule, "grad", grad, False)
+            key = (ptr, n, dt)
+            stream = _stream_of(desc)
+        if key != self.g_key:
+            self._check_grad(*key, grad)
+            self.g_key, self.g_dev, self.g_type = key, _as_device(grad), None
+        self.g_obj = grad if isinstance(grad, _NumbaArray) else None
+        self.g_stream = stream
+        return self.g_dev, stream
+
+    def _check_grad(self, ptr, n, dt, grad):
+        rule = self.rule
+        if dt != self.dtype:
+            raise TypeError(f"{rule}: grad has dtype {dt}, param has dtype {self.dtype}")
+        if n != self.n:
+            raise ValueError(f"{rule}: grad has length {n}, param has length {self.n}")
+        if n == 0:
+            return
+        d = _device_of(grad, ptr)
+        if d != self.device:
+            raise ValueError(f"{rule}: grad is on GPU {d}, param is on GPU {self.device}; "
+                             "every buffer must be on the parameter's device")
+        hi = ptr + n * self.dtype.itemsize
+        for name, lo, top in self.ranges:
+            if ptr < top and lo < hi:
+                raise ValueError(f"{rule}: grad shares memory with {name}; every buffer "
+                                 "must be distinct")
+
+    # -- the step ---------------------------------------------------------------
+    def step(self, grad, args, nthreads):
+        self.step_c(grad, tuple([float(a) for a in args]))
+
+    def step_c(self, grad, c):
+        g, stream = self._grad(grad)
+        if self.n == 0:
+            return
+        p, s0, s1, s2 = self.arrays
+        launch_args = (p, g, s0, s1, s2, self.coefs(c, self.dtype.type))
+        if self.multi_gpu:
+            with cuda.gpus[self.device]:
+                self._launch(launch_args, stream)
+        else:
+            self._launch(launch_args, stream)
+
+    def _launch(self, args, stream):
+        if self.direct is None:
+            self._prepare_direct(args)
+        if self.direct is False:
+            self.dispatcher[self.grid, self.block, stream](*args)
+            return
+        if self.g_type is None:
+            self.g_type = numba.typeof(args[1])
+        if self.g_type != self.argtypes[1]:
+            # a gradient Numba types differently (a read-only view, say): let the
+            # dispatcher compile for it
+            self.dispatcher[self.grid, self.block, stream](*args)
+            return
+        self.direct.launch(args, (self.grid, 1, 1), (self.block, 1, 1),
+                           _direct_stream(stream), 0)
+
+    def _prepare_direct(self, args):
+        """Compile (or load from the disk cache) once and keep the kernel, so
+        that later steps skip Numba's per-call typing and overload lookup. False
+        (the dispatcher every step) under the simulator, when switched off, or
+        when this Numba's kernels lack the methods used."""
+        self.direct = False
+        if _SIM or not DIRECT_LAUNCH:
+            return
+        d = self.dispatcher
+        try:
+            argtypes = tuple(d.typeof_pyval(a) for a in args)
+            kern = d.compile(argtypes)
+        except Exception:
+            return  # the dispatcher call reports the compile error itself
+        if callable(getattr(kern, "launch", None)):
+            self.argtypes, self.direct = argtypes, kern
+
+
+# Launch the compiled kernel directly (see Bound._launch); FASTOPT_CUDA_DIRECT_LAUNCH=0
+# goes through Numba's dispatcher every step instead.
+DIRECT_LAUNCH = os.environ.get("FASTOPT_CUDA_DIRECT_LAUNCH", "1") != "0"
+
+# numba-cuda >= 0.2x's kernels take a cuda.core stream (its dispatcher converts);
+# Numba's built-in CUDA target takes its own Stream or 0.
+_to_core_stream = None if _SIM else getattr(_drv, "_to_core_stream", None)
+_direct_streams: dict = {}
+
+
+def _direct_stream(stream):
+    if _to_core_stream is None:
+        return stream
+    hit = _direct_streams.get(id(stream))
+    if hit is None:
+        # keep the stream itself in the entry, so that its id stays its own
+        hit = _direct_streams[id(stream)] = (stream, _to_core_stream(stream))
+    return hit[1]
+
+
+def bind(kernel, param, buffers):
+    """The optimizer classes' fast path (see the module docstring)."""
+    return Bound(kernel, param, buffers)
 
 
 def _run(kernel, param, grad, s0, s1, s2, c, nthreads):
-    coefs, _, rule, names = M.RULES[kernel]
-    arrays = (param, grad, s0, s1, s2)
-    infos = []
-    for k, x in enumerate(arrays):
-        if x is None and k >= 2:
-            infos.append(None)
-            continue
-        infos.append(_describe(rule, names[k], x, k != 1))
-    dt = infos[0][2]
-    if dt not in _DTYPES:
-        raise TypeError(f"{rule}: param must be float32 or float64, got {dt}")
-    n = infos[0][1]
-    for k in range(1, 5):
-        if infos[k] is not None and infos[k][2] != dt:
-            raise TypeError(f"{rule}: {names[k]} has dtype {infos[k][2]}, param has dtype {dt}")
-    for k in range(1, 5):
-        if infos[k] is not None and infos[k][1] != n:
-            raise ValueError(f"{rule}: {names[k]} has length {infos[k][1]}, "
-                             f"param has length {n}")
-    if n == 0:
-        return
-    dev = _device_of(param, infos[0][0])
-    for k in range(1, 5):
-        if infos[k] is not None:
-            d = _device_of(arrays[k], infos[k][0])
-            if d != dev:
-                raise ValueError(f"{rule}: {names[k]} is on GPU {d}, param is on GPU {dev}; "
-                                 "every buffer must be on the parameter's device")
-    nbytes = n * dt.itemsize
-    for k in range(5):
-        for j in range(k + 1, 5):
-            if infos[k] is None or infos[j] is None:
-                continue
-            a, b = infos[k][0], infos[j][0]
-            if a < b + nbytes and b < a + nbytes:
-                raise ValueError(f"{rule}: {names[j]} shares memory with {names[k]}; "
-                                 "every buffer must be distinct")
-    # the per-step scalars, cast once on the host to the buffers' type
-    kc = coefs(c, dt.type)
-    dev_arrays = [None if x is None else _as_device(x) for x in arrays]
-    p = dev_arrays[0]
-    s = [p if x is None else x for x in dev_arrays[2:]]
-    launch = _KERNELS[kernel][_blocks(n), BLOCK_SIZE, _stream_of(infos[0][3])]
-    if not _SIM and dev is not None and dev != cuda.get_current_device().id:
-        with cuda.gpus[dev]:
-            launch(p, dev_arrays[1], s[0], s[1], s[2], kc,
-                   s0 is not None, s1 is not None, s2 is not None)
-    else:
-        launch(p, dev_arrays[1], s[0], s[1], s[2], kc,
-               s0 is not None, s1 is not None, s2 is not None)
+    Bound(kernel, param, (s0, s1, s2)).step_c(grad, c)
 
 
 # --------------------------------------------------------------------------

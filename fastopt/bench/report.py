@@ -12,8 +12,10 @@ from fastopt.bench.peers import LABELS
 
 # the order of peer columns in every table
 PEER_ORDER = ("fastopt", "fastopt_numba", "fastopt_kernel", "numpy", "torch_default",
-              "torch_foreach_false", "torch_fused", "torch_fused_flat", "deepspeed")
-EXTRA_LABELS = {"torch_fused_flat": "torch fused, one flat tensor"}
+              "torch_foreach_false", "torch_foreach", "torch_fused", "torch_fused_flat",
+              "deepspeed")
+EXTRA_LABELS = {"torch_fused_flat": "torch fused, one flat tensor",
+                "torch_foreach": "torch foreach"}
 
 
 def label(peer):
@@ -95,6 +97,10 @@ def machine_line(doc):
         bits.append(f"L3 {m['l3_cache']}")
     bits.append(f"ISA {m.get('fastopt_isa')}")
     vers = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    if m.get("gpu_name"):
+        bits.insert(0, f"{m['gpu_name']} ({m.get('gpu_sms')} SMs, "
+                       f"{m.get('gpu_memory_bytes', 0) / 2**30:.0f} GiB)")
+        vers += f", CUDA {m.get('cuda_torch')}, numba-cuda {m.get('numba_cuda_version', '?')}"
     return f"{doc['created']} · " + ", ".join(bits) + f" · Python {m['python']}, {vers}"
 
 
@@ -112,7 +118,16 @@ def markdown(doc) -> str:
             f"{label(p)}: {why.splitlines()[0][:120]}" for p, why in missing.items()))
         out.append("")
 
-    if doc["roof"]:
+    gpu = doc.get("device") == "cuda"
+    if doc["roof"] and gpu:
+        out += ["## Device copy bandwidth: the roof (measured in this run)", ""]
+        out.append(_table(["when", "bytes per buffer", "GB/s (read + write)"],
+                          [[r["phase"], fmt_n(r["bytes_per_array"]), f"{r['gbps']:.1f}"]
+                           for r in doc["roof"]]))
+        out += ["", "A device-to-device copy at the start and the end of the run; the higher "
+                "is every case's roof. Optimizer GB/s count the bytes/element of RULES.md.",
+                ""]
+    elif doc["roof"]:
         out += ["## Memory-bandwidth roof (measured in this run)", ""]
         rows = []
         for r in doc["roof"]:
@@ -134,13 +149,15 @@ def markdown(doc) -> str:
     if cases:
         out += ["## Time per step (fastopt's speedup over each peer in parentheses)", ""]
         peers = _peers_present(cases)
-        header = (["rule", "dtype", "n", "threads"] + [label(p) for p in peers]
+        header = (["rule", "dtype", "n", "host/step" if gpu else "threads"]
+                  + [label(p) for p in peers]
                   + ["fastopt Gelem/s", "fastopt GB/s", "roof GB/s", "% of roof"])
         rows = []
         for c in cases:
             f = c["results"].get("fastopt", {})
             ok = f.get("status") == "ok"
-            rows.append([c["rule"], c["dtype"], fmt_n(c["n"]), c["threads"]]
+            rows.append([c["rule"], c["dtype"], fmt_n(c["n"]),
+                         (fmt_time(f.get("host_s")) if ok else "–") if gpu else c["threads"]]
                         + [_cell(c["results"], p) for p in peers]
                         + [f"{f['elements_per_s'] / 1e9:.2f}" if ok else "–",
                            f"{f['gbps']:.1f}" if ok else "–",
@@ -150,8 +167,11 @@ def markdown(doc) -> str:
                            else "–"])
         out.append(_table(header, rows))
         out.append("")
-        out += ["Roof GB/s: measured interleaved with the case; * the run's roof (the case "
-                "fits in cache, so its fraction of the DRAM roof can exceed 100%).", ""]
+        out += (["GPU time per step from CUDA events over bursts of steps; host/step: "
+                 "fastopt's wall time to issue one step (not waiting for the GPU). Roof "
+                 "GB/s: the run's device copy bandwidth.", ""] if gpu else
+                ["Roof GB/s: measured interleaved with the case; * the run's roof (the case "
+                 "fits in cache, so its fraction of the DRAM roof can exceed 100%).", ""])
         hyper = {c["rule"]: c["hyperparameters"] for c in cases}
         nondefault = {"SGD": "momentum=0.9"} if "SGD" in hyper else {}
         if nondefault:
@@ -174,12 +194,17 @@ def markdown(doc) -> str:
     if "torch_model" in sc:
         out += _torch_model_md(sc["torch_model"])
     if doc.get("goals"):
-        out += ["## Performance goals (issue 4)", ""]
+        out += [f"## Performance goals (issue {8 if gpu else 4})", ""]
         rows = [[g["goal"], g["target"], g["measured_text"],
                  {True: "met", False: "**missed**", None: "not measured"}[g["met"]]]
                 for g in doc["goals"]]
         out.append(_table(["goal", "target", "measured", ""], rows))
         out.append("")
+    if gpu:
+        out.append(f"Elapsed: {doc.get('elapsed_s', 0):.1f} s. Median of "
+                   f"{doc['config']['repeats']} interleaved bursts per peer after warm-up.")
+        out.append("")
+        return "\n".join(out)
     retaken, kept = preemption_counts(doc)
     out.append(f"Elapsed: {doc.get('elapsed_s', 0):.1f} s. Median of {doc['config']['repeats']} "
                "interleaved samples per peer after warm-up. Samples during which another "
@@ -372,7 +397,46 @@ def _ceiling(doc, row, peer):
     return res["median_s"] / (bpe * n / (roof * 1e9))
 
 
+def evaluate_gpu_goals(doc) -> list:
+    """Issue 8's goals, from one GPU run."""
+    goals = []
+    rows = [c for c in doc["cases"] if c["rule"] == "Adam" and c["dtype"] == "float32"
+            and "results" in c and "torch_fused" in c["speedup"]]
+    if rows:
+        worst = min(rows, key=lambda c: c["speedup"]["torch_fused"])
+        v = worst["speedup"]["torch_fused"]
+        goals.append(_goal("Adam float32, every size: fastopt vs torch fused (worst size)",
+                           "≥ 1.0×", v, v >= 1.0, f"{v:.2f}× (n={fmt_n(worst['n'])})"))
+    small = [c for c in rows if c["n"] <= 1_000_000]
+    if small:
+        worst = min(small, key=lambda c: c["speedup"]["torch_fused"])
+        v = worst["speedup"]["torch_fused"]
+        goals.append(_goal("Adam float32 n ≤ 1e6: fastopt vs torch fused (worst size)",
+                           "≥ 3×", v, v >= 3.0, f"{v:.2f}× (n={fmt_n(worst['n'])})"))
+    big = [c for c in doc["cases"] if c["n"] >= 2 ** 24 and "results" in c
+           and c["results"].get("fastopt", {}).get("status") == "ok"]
+    if big:
+        worst = min(big, key=lambda c: c["results"]["fastopt"]["roof_fraction"])
+        v = worst["results"]["fastopt"]["roof_fraction"]
+        goals.append(_goal("n ≥ 2^24: fraction of the copy bandwidth (worst case)", "≥ 0.92",
+                           v, v >= 0.92, f"{v:.2f} ({worst['rule']} {worst['dtype']} "
+                           f"n={fmt_n(worst['n'])})"))
+    for row in doc.get("scenarios", {}).get("model", {}).get("cases", []):
+        v = row["speedup"].get("torch_fused")
+        goals.append(_goal(f"{row['model']} model ({row['tensors']} tensors): FlatParams vs "
+                           "torch fused over the list", "≥ 1.1×", v,
+                           v is not None and v >= 1.1, None if v is None else f"{v:.2f}×"))
+    c = _find(doc, "Adam", "float32", 1_000)
+    v = c["results"]["fastopt"].get("host_s") if c and c["results"].get(
+        "fastopt", {}).get("status") == "ok" else None
+    goals.append(_goal("Adam float32 n=1e3: host cost of opt.step(g)", "≤ 15 µs", v,
+                       v is not None and v <= 15e-6, None if v is None else fmt_time(v)))
+    return goals
+
+
 def evaluate_goals(doc) -> list:
+    if doc.get("device") == "cuda":
+        return evaluate_gpu_goals(doc)
     goals = []
     for n, target in ((16_000_000, 0.95), (1_000_000, 1.5), (100_000, 3.0), (1_000, 20.0)):
         c = _find(doc, "Adam", "float32", n)
@@ -499,8 +563,10 @@ def plot(doc, path):
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
-    fig.suptitle(f"fastopt bench: throughput vs size, {threads} thread(s) — "
-                 f"{doc['machine']['cpu_model']}, {doc['created'][:10]}", fontsize=10)
+    where = (doc["machine"].get("gpu_name", "GPU") if doc.get("device") == "cuda"
+             else f"{threads} thread(s) — {doc['machine']['cpu_model']}")
+    fig.suptitle(f"fastopt bench: throughput vs size, {where}, {doc['created'][:10]}",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -505,6 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roof-mb", type=float, help="size of each roof array in MiB (default 128)")
     p.add_argument("--model-scale", type=float,
                    help="width multiplier of the model scenario (default 1: ~16 M parameters)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: fastopt's CUDA backend against torch fused/foreach on the "
+                        "GPU (Adam, AdamW, SGD, Adagrad; 1e3..2^28 elements, bounded by "
+                        "free GPU memory; the model scenario), with the device copy "
+                        "bandwidth as the roof")
     return p
 
 
@@ -571,6 +576,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    if args.device == "cuda":
+        from fastopt.bench import cuda as cuda_bench
+        return cuda_bench.main(cfg, args, argv)
     doc = run(cfg, argv)
     paths = output_paths(cfg.out, cfg.mode)
     os.makedirs(os.path.dirname(paths["json"]) or ".", exist_ok=True)
