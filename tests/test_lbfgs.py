@@ -408,14 +408,19 @@ def test_kernel_reductions_are_exact_sums_of_blocks():
     assert mx == np.max(np.abs(src))
     prod = src.astype(np.float64) * other.astype(np.float64)
     expected = 0.0
-    for lo in range(0, n, 4096):
+    for lo in range(0, n, 4096):            # blocks, added in order
         blk = prod[lo:lo + 4096]
-        m = len(blk) // 4 * 4
-        lanes = [0.0, 0.0, 0.0, 0.0]
-        for i in range(m):
-            lanes[i % 4] += blk[i]
-        for i in range(m, len(blk)):
+        whole = len(blk) // 16 * 16
+        lanes = [0.0] * 16                   # lane = offset % 16, the tail in lane 0
+        for i in range(whole):
+            lanes[i % 16] += blk[i]
+        for i in range(whole, len(blk)):
             lanes[0] += blk[i]
-        expected += (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+        w = 8
+        while w:                             # the fixed tree: j += j + 8, j + 4, ...
+            for j in range(w):
+                lanes[j] += lanes[j + w]
+            w //= 2
+        expected += lanes[0]
     assert dot == expected
     assert abssum == pytest.approx(np.sum(np.abs(src.astype(np.float64))), rel=1e-12)

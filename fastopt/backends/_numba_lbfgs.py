@@ -1,9 +1,9 @@
 """L-BFGS's passes for the Numba CPU backend: ``fastopt/kernels/lbfgs.pxi`` again,
 operation for operation, so that the two backends agree bit for bit.
 
-Same blocks (LBFGS_BLOCK elements at fixed offsets), same four running sums per
-block (lane = offset % 4, the tail in lane 0, combined as (s0 + s1) + (s2 + s3)),
-block results added in block order; float32 values are rounded to float32 exactly
+Same blocks (LBFGS_BLOCK elements at fixed offsets), same LANES running sums per
+block (lane = offset % LANES, the tail after the last whole group in lane 0,
+combined by the same fixed tree), block results added in block order; float32 values are rounded to float32 exactly
 where the C code rounds them (a float32 operand times a float32 coefficient), and
 sums are kept in float64. No fastmath. The entry points take the compiled
 module's arguments; ``fastopt.lbfgs`` calls them on buffers it has checked.
@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 LBFGS_BLOCK = 4096
+LANES = 16
 PARALLEL_MIN = 32768  # as rules.pxi: smaller vectors run on the calling thread
 
 NEG, AXPY, AXPY_SCALE, SCALE = 0, 1, 2, 3
@@ -42,124 +43,102 @@ def _val(op, x, a, c1, c2, i):
 
 
 @njit(**_jit)
+def _lanes_sum(acc):
+    # lbfgs.pxi's fixed tree: lane j += lane j + 8, then j + 4, j + 2, j + 1
+    w = LANES // 2
+    while w > 0:
+        for j in range(w):
+            acc[j] = acc[j] + acc[j + w]
+        w //= 2
+    return acc[0]
+
+
+@njit(**_jit)
+def _lanes_max(acc):
+    m = acc[0]
+    for j in range(1, LANES):
+        m = _max(m, acc[j])
+    return m
+
+
+@njit(**_jit)
 def _update_dot_block(op, x, a, b, c1, c2, lo, hi, out):
-    s0 = s1 = s2 = s3 = 0.0
+    acc = np.zeros(LANES)
     i = lo
-    while i + 4 <= hi:
-        v0 = _val(op, x, a, c1, c2, i)
-        v1 = _val(op, x, a, c1, c2, i + 1)
-        v2 = _val(op, x, a, c1, c2, i + 2)
-        v3 = _val(op, x, a, c1, c2, i + 3)
-        x[i] = v0
-        x[i + 1] = v1
-        x[i + 2] = v2
-        x[i + 3] = v3
-        s0 = s0 + np.float64(b[i]) * np.float64(v0)
-        s1 = s1 + np.float64(b[i + 1]) * np.float64(v1)
-        s2 = s2 + np.float64(b[i + 2]) * np.float64(v2)
-        s3 = s3 + np.float64(b[i + 3]) * np.float64(v3)
-        i += 4
+    while i + LANES <= hi:
+        for j in range(LANES):
+            v = _val(op, x, a, c1, c2, i + j)
+            acc[j] = acc[j] + np.float64(b[i + j]) * np.float64(v)
+            x[i + j] = v
+        i += LANES
     while i < hi:
-        v0 = _val(op, x, a, c1, c2, i)
-        x[i] = v0
-        s0 = s0 + np.float64(b[i]) * np.float64(v0)
+        v = _val(op, x, a, c1, c2, i)
+        acc[0] = acc[0] + np.float64(b[i]) * np.float64(v)
+        x[i] = v
         i += 1
-    out[0] = (s0 + s1) + (s2 + s3)
+    out[0] = _lanes_sum(acc)
 
 
 @njit(**_jit)
 def _copy_block(dst, src, b, has_b, lo, hi, out):
-    a0 = a1 = a2 = a3 = 0.0
-    d0 = d1 = d2 = d3 = 0.0
-    m = dst.dtype.type(0)
+    asum = np.zeros(LANES)
+    dot = np.zeros(LANES)
+    mx = np.zeros(LANES)
     i = lo
-    while i + 4 <= hi:
-        v0 = src[i]
-        v1 = src[i + 1]
-        v2 = src[i + 2]
-        v3 = src[i + 3]
-        dst[i] = v0
-        dst[i + 1] = v1
-        dst[i + 2] = v2
-        dst[i + 3] = v3
-        a0 = a0 + np.float64(abs(v0))
-        a1 = a1 + np.float64(abs(v1))
-        a2 = a2 + np.float64(abs(v2))
-        a3 = a3 + np.float64(abs(v3))
-        m = _max(_max(m, abs(v0)), _max(abs(v1), _max(abs(v2), abs(v3))))
-        if has_b:
-            d0 = d0 + np.float64(v0) * np.float64(b[i])
-            d1 = d1 + np.float64(v1) * np.float64(b[i + 1])
-            d2 = d2 + np.float64(v2) * np.float64(b[i + 2])
-            d3 = d3 + np.float64(v3) * np.float64(b[i + 3])
-        i += 4
+    while i + LANES <= hi:
+        for j in range(LANES):
+            v = src[i + j]
+            asum[j] = asum[j] + np.float64(abs(v))
+            mx[j] = _max(mx[j], np.float64(abs(v)))
+            if has_b:
+                dot[j] = dot[j] + np.float64(v) * np.float64(b[i + j])
+            dst[i + j] = v
+        i += LANES
     while i < hi:
-        v0 = src[i]
-        dst[i] = v0
-        a0 = a0 + np.float64(abs(v0))
-        m = _max(m, abs(v0))
+        v = src[i]
+        asum[0] = asum[0] + np.float64(abs(v))
+        mx[0] = _max(mx[0], np.float64(abs(v)))
         if has_b:
-            d0 = d0 + np.float64(v0) * np.float64(b[i])
+            dot[0] = dot[0] + np.float64(v) * np.float64(b[i])
+        dst[i] = v
         i += 1
-    out[0] = (a0 + a1) + (a2 + a3)
-    out[1] = (d0 + d1) + (d2 + d3)
-    out[2] = np.float64(m)
+    out[0] = _lanes_sum(asum)
+    out[1] = _lanes_sum(dot)
+    out[2] = _lanes_max(mx)
 
 
 @njit(**_jit)
 def _curvature_block(g, gp, d, t, y, s, lo, hi, out):
-    p0 = p1 = p2 = p3 = 0.0
-    q0 = q1 = q2 = q3 = 0.0
+    ys = np.zeros(LANES)
+    yy = np.zeros(LANES)
     i = lo
-    while i + 4 <= hi:
-        y0 = g[i] - gp[i]
-        y1 = g[i + 1] - gp[i + 1]
-        y2 = g[i + 2] - gp[i + 2]
-        y3 = g[i + 3] - gp[i + 3]
-        z0 = t * d[i]
-        z1 = t * d[i + 1]
-        z2 = t * d[i + 2]
-        z3 = t * d[i + 3]
-        y[i] = y0
-        y[i + 1] = y1
-        y[i + 2] = y2
-        y[i + 3] = y3
-        s[i] = z0
-        s[i + 1] = z1
-        s[i + 2] = z2
-        s[i + 3] = z3
-        p0 = p0 + np.float64(y0) * np.float64(z0)
-        p1 = p1 + np.float64(y1) * np.float64(z1)
-        p2 = p2 + np.float64(y2) * np.float64(z2)
-        p3 = p3 + np.float64(y3) * np.float64(z3)
-        q0 = q0 + np.float64(y0) * np.float64(y0)
-        q1 = q1 + np.float64(y1) * np.float64(y1)
-        q2 = q2 + np.float64(y2) * np.float64(y2)
-        q3 = q3 + np.float64(y3) * np.float64(y3)
-        i += 4
     while i < hi:
-        y0 = g[i] - gp[i]
-        z0 = t * d[i]
-        y[i] = y0
-        s[i] = z0
-        p0 = p0 + np.float64(y0) * np.float64(z0)
-        q0 = q0 + np.float64(y0) * np.float64(y0)
+        j = (i - lo) % LANES if i + (LANES - (i - lo) % LANES) <= hi else 0
+        yv = g[i] - gp[i]
+        sv = t * d[i]
+        ys[j] = ys[j] + np.float64(yv) * np.float64(sv)
+        yy[j] = yy[j] + np.float64(yv) * np.float64(yv)
+        y[i] = yv
+        s[i] = sv
         i += 1
-    out[0] = (p0 + p1) + (p2 + p3)
-    out[1] = (q0 + q1) + (q2 + q3)
+    out[0] = _lanes_sum(ys)
+    out[1] = _lanes_sum(yy)
 
 
 @njit(**_jit)
 def _move_block(p, x0, has_x0, d, t, lo, hi, out):
-    m = p.dtype.type(0)
-    for i in range(lo, hi):
+    mx = np.zeros(LANES)
+    i = lo
+    while i < hi:
+        j = (i - lo) % LANES if i + (LANES - (i - lo) % LANES) <= hi else 0
         sd = t * d[i]
         if has_x0:
             p[i] = x0[i] + sd
         else:
             p[i] = p[i] + sd
-        m = _max(m, abs(sd))
-    out[2] = np.float64(m)
+        mx[j] = _max(mx[j], np.float64(abs(sd)))
+        i += 1
+    out[2] = _lanes_max(mx)
 
 
 @njit(**_jit)

@@ -4,10 +4,12 @@
 # PARALLEL_MIN from there) by _baseline.pyx and _avx2.pyx.
 #
 # Deterministic reductions. A vector is cut into blocks of LBFGS_BLOCK elements
-# at fixed offsets. Inside a block four running sums take every fourth element
-# (i = lo + 4j + lane; the tail goes to lane 0) and are combined as
-# (s0 + s1) + (s2 + s3); the block sums are then added in block order on the
-# calling thread. Threads only decide who computes which block, never how a
+# at fixed offsets. Inside a block LANES running sums take every LANES-th element
+# (lane = (i - lo) % LANES; the tail after the last whole group goes to lane 0)
+# and are combined as a fixed tree (lane j += lane j + 8, then j + 4, j + 2,
+# j + 1); the block sums are then added in block order on the calling thread.
+# Sixteen lanes are four AVX2 vectors of doubles: enough independent additions
+# to hide the adder's latency, so a pass runs at memory speed. Threads only decide who computes which block, never how a
 # block is summed, so a result is the same bit for bit for any thread count,
 # and fastopt.backends._numba_lbfgs repeats the same order exactly.
 # Sums are accumulated in float64 for both dtypes (RULES.md allows it): a
@@ -17,6 +19,7 @@
 # first, are rows (start + j) % rows for j < count.
 
 DEF LBFGS_BLOCK = 4096
+DEF LANES = 16
 
 cdef enum LbfgsOp:
     L_NEG, L_AXPY, L_AXPY_SCALE, L_SCALE
@@ -35,137 +38,180 @@ cdef inline floating _lb_val(LbfgsOp op, const floating* x, const floating* a,
         return c2 * x[i]
 
 
+cdef inline void _lb_zero(double* acc) noexcept nogil:
+    cdef int j
+    for j in range(LANES):
+        acc[j] = 0
+
+
+cdef inline double _lb_sum(double* acc) noexcept nogil:
+    # the lanes added as a fixed tree: (0+8, 1+9, ...), then (0+4, ...), (0+2, 1+3), 0+1
+    cdef int j, w = LANES // 2
+    while w > 0:
+        for j in range(w):
+            acc[j] = acc[j] + acc[j + w]
+        w = w // 2
+    return acc[0]
+
+
+cdef inline double _lb_maxlanes(double* acc) noexcept nogil:
+    cdef int j
+    cdef double m = acc[0]
+    for j in range(1, LANES):
+        m = _max(m, acc[j])
+    return m
+
+
+cdef inline void _lb_update_dot_loop(LbfgsOp op, floating* x, const floating* a,
+                                     const floating* b, floating c1, floating c2,
+                                     Py_ssize_t lo, Py_ssize_t hi,
+                                     double* out) noexcept nogil:
+    # x[i] <- new value; out[0] = sum b[i] * x[i] over the block (lane i % LANES)
+    cdef double acc[LANES]
+    cdef floating vs[LANES]
+    cdef floating v
+    cdef Py_ssize_t i = lo
+    cdef int j
+    _lb_zero(acc)
+    while i + LANES <= hi:
+        # all loads, then all stores: the compiler cannot know that x, a and b
+        # never overlap, and would otherwise keep each load after the last store
+        for j in range(LANES):
+            vs[j] = _lb_val(op, x, a, c1, c2, i + j)
+        for j in range(LANES):
+            acc[j] = acc[j] + <double>b[i + j] * <double>vs[j]
+        for j in range(LANES):
+            x[i + j] = vs[j]
+        i = i + LANES
+    while i < hi:
+        v = _lb_val(op, x, a, c1, c2, i)
+        x[i] = v
+        acc[0] = acc[0] + <double>b[i] * <double>v
+        i = i + 1
+    out[0] = _lb_sum(acc)
+
+
 cdef void _lb_update_dot_block(LbfgsOp op, floating* x, const floating* a,
                                const floating* b, floating c1, floating c2, Py_ssize_t lo,
                                Py_ssize_t hi, double* out) noexcept nogil:
-    # x[i] <- new value; out[0] = sum b[i] * x[i] over the block
-    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0
-    cdef floating v0, v1, v2, v3
+    # one loop per op, so that no branch is left inside a loop
+    if op == L_NEG:
+        _lb_update_dot_loop(L_NEG, x, a, b, c1, c2, lo, hi, out)
+    elif op == L_AXPY:
+        _lb_update_dot_loop(L_AXPY, x, a, b, c1, c2, lo, hi, out)
+    elif op == L_AXPY_SCALE:
+        _lb_update_dot_loop(L_AXPY_SCALE, x, a, b, c1, c2, lo, hi, out)
+    else:
+        _lb_update_dot_loop(L_SCALE, x, a, b, c1, c2, lo, hi, out)
+
+
+cdef inline void _lb_copy_loop(bint has_b, floating* dst, const floating* src,
+                               const floating* b, Py_ssize_t lo, Py_ssize_t hi,
+                               double* out) noexcept nogil:
+    cdef double asum[LANES]
+    cdef double dot[LANES]
+    cdef double mx[LANES]
+    cdef floating v
     cdef Py_ssize_t i = lo
-    while i + 4 <= hi:
-        v0 = _lb_val(op, x, a, c1, c2, i)
-        v1 = _lb_val(op, x, a, c1, c2, i + 1)
-        v2 = _lb_val(op, x, a, c1, c2, i + 2)
-        v3 = _lb_val(op, x, a, c1, c2, i + 3)
-        x[i] = v0
-        x[i + 1] = v1
-        x[i + 2] = v2
-        x[i + 3] = v3
-        s0 = s0 + <double>b[i] * <double>v0
-        s1 = s1 + <double>b[i + 1] * <double>v1
-        s2 = s2 + <double>b[i + 2] * <double>v2
-        s3 = s3 + <double>b[i + 3] * <double>v3
-        i = i + 4
+    cdef int j
+    _lb_zero(asum)
+    _lb_zero(dot)
+    _lb_zero(mx)
+    while i + LANES <= hi:
+        for j in range(LANES):
+            v = src[i + j]
+            asum[j] = asum[j] + <double>_abs(v)
+            mx[j] = _max(mx[j], <double>_abs(v))
+            if has_b:
+                dot[j] = dot[j] + <double>v * <double>b[i + j]
+        for j in range(LANES):
+            dst[i + j] = src[i + j]
+        i = i + LANES
     while i < hi:
-        v0 = _lb_val(op, x, a, c1, c2, i)
-        x[i] = v0
-        s0 = s0 + <double>b[i] * <double>v0
+        v = src[i]
+        dst[i] = v
+        asum[0] = asum[0] + <double>_abs(v)
+        mx[0] = _max(mx[0], <double>_abs(v))
+        if has_b:
+            dot[0] = dot[0] + <double>v * <double>b[i]
         i = i + 1
-    out[0] = (s0 + s1) + (s2 + s3)
+    out[0] = _lb_sum(asum)
+    out[1] = _lb_sum(dot)
+    out[2] = _lb_maxlanes(mx)
 
 
 cdef void _lb_copy_block(floating* dst, const floating* src, const floating* b,
                          Py_ssize_t lo, Py_ssize_t hi, double* out) noexcept nogil:
-    # dst <- src; out = [sum |src|, sum src*b (b may be NULL), max |src|]
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, d0 = 0, d1 = 0, d2 = 0, d3 = 0
-    cdef floating m = 0, v0, v1, v2, v3
-    cdef Py_ssize_t i = lo
-    while i + 4 <= hi:
-        v0 = src[i]
-        v1 = src[i + 1]
-        v2 = src[i + 2]
-        v3 = src[i + 3]
-        dst[i] = v0
-        dst[i + 1] = v1
-        dst[i + 2] = v2
-        dst[i + 3] = v3
-        a0 = a0 + <double>_abs(v0)
-        a1 = a1 + <double>_abs(v1)
-        a2 = a2 + <double>_abs(v2)
-        a3 = a3 + <double>_abs(v3)
-        m = _max(_max(m, _abs(v0)), _max(_abs(v1), _max(_abs(v2), _abs(v3))))
-        if b != NULL:
-            d0 = d0 + <double>v0 * <double>b[i]
-            d1 = d1 + <double>v1 * <double>b[i + 1]
-            d2 = d2 + <double>v2 * <double>b[i + 2]
-            d3 = d3 + <double>v3 * <double>b[i + 3]
-        i = i + 4
-    while i < hi:
-        v0 = src[i]
-        dst[i] = v0
-        a0 = a0 + <double>_abs(v0)
-        m = _max(m, _abs(v0))
-        if b != NULL:
-            d0 = d0 + <double>v0 * <double>b[i]
-        i = i + 1
-    out[0] = (a0 + a1) + (a2 + a3)
-    out[1] = (d0 + d1) + (d2 + d3)
-    out[2] = m
+    # dst <- src; out = [sum |src|, sum src*b (0 if b is NULL), max |src|]
+    if b != NULL:
+        _lb_copy_loop(True, dst, src, b, lo, hi, out)
+    else:
+        _lb_copy_loop(False, dst, src, b, lo, hi, out)
 
 
 cdef void _lb_curvature_block(const floating* g, const floating* gp, const floating* d,
                               floating t, floating* y, floating* s, Py_ssize_t lo,
                               Py_ssize_t hi, double* out) noexcept nogil:
     # y <- g - g_prev, s <- t*d; out = [y.s, y.y]
-    cdef double p0 = 0, p1 = 0, p2 = 0, p3 = 0, q0 = 0, q1 = 0, q2 = 0, q3 = 0
-    cdef floating y0, y1, y2, y3, z0, z1, z2, z3
+    cdef double ys[LANES]
+    cdef double yy[LANES]
+    cdef floating yvs[LANES]
+    cdef floating svs[LANES]
+    cdef floating yv, sv
     cdef Py_ssize_t i = lo
-    while i + 4 <= hi:
-        y0 = g[i] - gp[i]
-        y1 = g[i + 1] - gp[i + 1]
-        y2 = g[i + 2] - gp[i + 2]
-        y3 = g[i + 3] - gp[i + 3]
-        z0 = t * d[i]
-        z1 = t * d[i + 1]
-        z2 = t * d[i + 2]
-        z3 = t * d[i + 3]
-        y[i] = y0
-        y[i + 1] = y1
-        y[i + 2] = y2
-        y[i + 3] = y3
-        s[i] = z0
-        s[i + 1] = z1
-        s[i + 2] = z2
-        s[i + 3] = z3
-        p0 = p0 + <double>y0 * <double>z0
-        p1 = p1 + <double>y1 * <double>z1
-        p2 = p2 + <double>y2 * <double>z2
-        p3 = p3 + <double>y3 * <double>z3
-        q0 = q0 + <double>y0 * <double>y0
-        q1 = q1 + <double>y1 * <double>y1
-        q2 = q2 + <double>y2 * <double>y2
-        q3 = q3 + <double>y3 * <double>y3
-        i = i + 4
+    cdef int j
+    _lb_zero(ys)
+    _lb_zero(yy)
+    while i + LANES <= hi:
+        for j in range(LANES):
+            yvs[j] = g[i + j] - gp[i + j]
+            svs[j] = t * d[i + j]
+        for j in range(LANES):
+            ys[j] = ys[j] + <double>yvs[j] * <double>svs[j]
+            yy[j] = yy[j] + <double>yvs[j] * <double>yvs[j]
+        for j in range(LANES):
+            y[i + j] = yvs[j]
+            s[i + j] = svs[j]
+        i = i + LANES
     while i < hi:
-        y0 = g[i] - gp[i]
-        z0 = t * d[i]
-        y[i] = y0
-        s[i] = z0
-        p0 = p0 + <double>y0 * <double>z0
-        q0 = q0 + <double>y0 * <double>y0
+        yv = g[i] - gp[i]
+        sv = t * d[i]
+        y[i] = yv
+        s[i] = sv
+        ys[0] = ys[0] + <double>yv * <double>sv
+        yy[0] = yy[0] + <double>yv * <double>yv
         i = i + 1
-    out[0] = (p0 + p1) + (p2 + p3)
-    out[1] = (q0 + q1) + (q2 + q3)
+    out[0] = _lb_sum(ys)
+    out[1] = _lb_sum(yy)
 
 
 cdef void _lb_move_block(floating* p, const floating* x0, const floating* d, floating t,
                          Py_ssize_t lo, Py_ssize_t hi, double* out) noexcept nogil:
     # p <- p + t*d, or p <- x0 + t*d (a line-search point) when x0 is given;
     # out[2] = max |t*d|, the step's size
-    cdef floating m = 0, sd
-    cdef Py_ssize_t i
+    cdef double mx[LANES]
+    cdef floating sds[LANES]
+    cdef floating ps[LANES]
+    cdef floating sd
+    cdef Py_ssize_t i = lo
+    cdef int j
+    _lb_zero(mx)
     if x0 == NULL:
-        for i in range(lo, hi):
-            sd = t * d[i]
-            p[i] = p[i] + sd
-            m = _max(m, _abs(sd))
-        out[2] = m
-    else:
-        for i in range(lo, hi):
-            sd = t * d[i]
-            p[i] = x0[i] + sd
-            m = _max(m, _abs(sd))
-        out[2] = m
+        x0 = p
+    while i + LANES <= hi:
+        for j in range(LANES):
+            sds[j] = t * d[i + j]
+            ps[j] = x0[i + j] + sds[j]
+            mx[j] = _max(mx[j], <double>_abs(sds[j]))
+        for j in range(LANES):
+            p[i + j] = ps[j]
+        i = i + LANES
+    while i < hi:
+        sd = t * d[i]
+        p[i] = x0[i] + sd
+        mx[0] = _max(mx[0], <double>_abs(sd))
+        i = i + 1
+    out[2] = _lb_maxlanes(mx)
 
 
 cdef enum LbfgsPass:
