@@ -4,6 +4,7 @@ No timing is asserted anywhere: these run on tiny sizes to check the harness.
 """
 
 import json
+import math
 import subprocess
 import sys
 
@@ -265,3 +266,35 @@ def test_console_entry_point():
     r = subprocess.run([sys.executable, "-m", "fastopt", "bench", "--rules", "Nope"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "unknown rule" in r.stderr
+
+
+def test_lbfgs_scenario(tmp_path):
+    """The L-BFGS scenario on a tiny case: every peer reports, fastopt and torch keep a
+    full history through the timed steps, and the report has its table."""
+    pytest.importorskip("scipy")
+    out = tmp_path / "lb.json"
+    rc = runner.main(["--rules", "none", "--scenarios", "lbfgs", "--lbfgs-cases", "3000:3",
+                      "--repeats", "1", "--roof-mb", "4", "--no-progress", "--no-plot",
+                      "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["cases"] == []
+    sc = doc["scenarios"]["lbfgs"]
+    assert "error" not in sc, sc
+    (case,) = sc["cases"]
+    assert (case["n"], case["history"], case["dtype"]) == (3000, 3, "float32")
+    assert case["closure_s"] > 0
+    for peer in ("fastopt", "torch", "scipy"):
+        res = case["results"][peer]
+        assert res["status"] in STATUSES
+        if res["status"] == "ok":
+            assert math.isfinite(res["per_iteration_s"])
+    assert case["results"]["fastopt"]["history_len"] == 3
+    if case["results"]["torch"]["status"] == "ok":
+        assert case["results"]["torch"]["history_len"] == 3
+    if case["results"]["scipy"]["status"] == "ok":
+        assert case["results"]["scipy"]["iterations"] == 3 + case["iters_per_step"]
+    assert "closure excluded" in (tmp_path / "lb.md").read_text()
+    assert any(g["goal"].startswith("L-BFGS float32 n=3e3") for g in doc["goals"])
+    with pytest.raises(SystemExit):
+        runner.build_parser().parse_args(["--lbfgs-cases", "1e6"])
