@@ -69,19 +69,37 @@ cdef inline void _lb_update_dot_loop(LbfgsOp op, floating* x, const floating* a,
     # x[i] <- new value; out[0] = sum b[i] * x[i] over the block (lane i % LANES)
     cdef double acc[LANES]
     cdef floating vs[LANES]
+    cdef double vd[LANES]
+    cdef double bd[LANES]
     cdef floating v
     cdef Py_ssize_t i = lo
     cdef int j
     _lb_zero(acc)
     while i + LANES <= hi:
         # all loads, then all stores: the compiler cannot know that x, a and b
-        # never overlap, and would otherwise keep each load after the last store
-        for j in range(LANES):
-            vs[j] = _lb_val(op, x, a, c1, c2, i + j)
-        for j in range(LANES):
-            acc[j] = acc[j] + <double>b[i + j] * <double>vs[j]
+        # never overlap, and would otherwise keep each load after the last store.
+        # One short loop per op (the branch is taken once per LANES elements), so
+        # that each vectorises.
+        if op == L_NEG:
+            for j in range(LANES):
+                vs[j] = -a[i + j]
+        elif op == L_AXPY:
+            for j in range(LANES):
+                vs[j] = x[i + j] + c1 * a[i + j]
+        elif op == L_AXPY_SCALE:
+            for j in range(LANES):
+                vs[j] = c2 * (x[i + j] + c1 * a[i + j])
+        else:
+            for j in range(LANES):
+                vs[j] = c2 * x[i + j]
         for j in range(LANES):
             x[i + j] = vs[j]
+        for j in range(LANES):
+            vd[j] = vs[j]
+        for j in range(LANES):
+            bd[j] = b[i + j]
+        for j in range(LANES):
+            acc[j] = acc[j] + bd[j] * vd[j]
         i = i + LANES
     while i < hi:
         v = _lb_val(op, x, a, c1, c2, i)
