@@ -87,6 +87,22 @@ def test_iterates_match_torch_on_rosenbrock(n, dtype, ls):
         np.testing.assert_allclose(opt.state["d"], st["d"].numpy(), rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize("ls", LS)
+def test_a_full_history_wraps_around_like_torch(ls):
+    # history_size 3 over 20 iterations: the ring drops its oldest pair many times
+    x0 = rosen_start(100, "float64", seed=2)
+    hp = dict(max_iter=20, history_size=3, max_eval=30, line_search_fn=ls)
+    mine, _, opt = fastopt_rosen_run(x0, 1, **hp)
+    theirs, _, st = torch_rosen_run(x0, 1, **hp)
+    rel = record("lbfgs", fastopt.backend(), f"LBFGS-rosen100-h3-{ls or 'fixed'}", "float64",
+                 mine[0], theirs[0])
+    assert rel <= BOUND["float64"]
+    assert opt.state["n_iter"] == st["n_iter"] and opt.state["func_evals"] == st["func_evals"]
+    assert len(opt.state["old_dirs"]) == len(st["old_dirs"]) == 3
+    for a, e in zip(opt.state["old_stps"], st["old_stps"]):
+        np.testing.assert_allclose(a, e.numpy(), rtol=1e-6, atol=1e-12)
+
+
 def test_state_has_torch_keys():
     x = rosen_start(2, "float64")
     opt = fastopt.LBFGS(x, max_iter=3)
@@ -282,8 +298,11 @@ def test_huge_lr_never_overflows():
     with pytest.raises(ValueError, match="non-finite"):
         with np.errstate(all="ignore"):
             opt.step(lambda: (rosen(x), rosen_grad(x)))
-    opt = fastopt.LBFGS(rosen_start(4, "float32"), lr=1e300)   # inf once rounded to float32
-    assert opt.lr == 1e300
+    y = rosen_start(4, "float32")
+    opt = fastopt.LBFGS(y, lr=1e300, max_iter=3)   # inf once rounded to float32
+    with pytest.raises(ValueError, match="non-finite"):
+        with np.errstate(all="ignore"):
+            opt.step(lambda: (rosen(y), rosen_grad(y)))
 
 
 def test_closure_must_be_callable():
