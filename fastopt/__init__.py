@@ -13,6 +13,7 @@ from fastopt import backends as _backends
 from fastopt import functional, schedules
 from fastopt.checkpoint import load, save
 from fastopt.flat import FlatParams
+from fastopt.lbfgs import LBFGS
 from fastopt.optimizers import OPTIMIZERS, Optimizer
 from fastopt.optimizers import *  # noqa: F401,F403  (Adam, SGD, ... from the registry)
 from fastopt.rules import RULES
@@ -55,6 +56,6 @@ def backend() -> str:
     return _backends.DEFAULT.NAME
 
 
-__all__ = ["Optimizer", "FlatParams", "functional", "schedules", "save", "load", "RULES",
-           "set_num_threads", "get_num_threads", "set_flush_denormals",
+__all__ = ["Optimizer", "LBFGS", "FlatParams", "functional", "schedules", "save", "load",
+           "RULES", "set_num_threads", "get_num_threads", "set_flush_denormals",
            "get_flush_denormals", "backend", *OPTIMIZERS]

@@ -4,6 +4,7 @@ No timing is asserted anywhere: these run on tiny sizes to check the harness.
 """
 
 import json
+import math
 import subprocess
 import sys
 
@@ -345,3 +346,35 @@ def test_torch_model_scenario_without_torch(monkeypatch):
     res = scenarios.scenario_torch_model(cfg, 1, {}, np.random.default_rng(0))
     assert res["cases"] == [] and "torch is not installed" in res["skipped"]
     assert "torch is not installed" in "\n".join(report._torch_model_md(res))
+
+
+def test_lbfgs_scenario(tmp_path):
+    """The L-BFGS scenario on a tiny case: every peer reports, fastopt and torch keep a
+    full history through the timed steps, and the report has its table."""
+    pytest.importorskip("scipy")
+    out = tmp_path / "lb.json"
+    rc = runner.main(["--rules", "none", "--scenarios", "lbfgs", "--lbfgs-cases", "3000:3",
+                      "--repeats", "1", "--roof-mb", "4", "--no-progress", "--no-plot",
+                      "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["cases"] == []
+    sc = doc["scenarios"]["lbfgs"]
+    assert "error" not in sc, sc
+    (case,) = sc["cases"]
+    assert (case["n"], case["history"], case["dtype"]) == (3000, 3, "float32")
+    assert case["closure_s"] > 0
+    for peer in ("fastopt", "torch", "scipy"):
+        res = case["results"][peer]
+        assert res["status"] in STATUSES
+        if res["status"] == "ok":
+            assert math.isfinite(res["per_iteration_s"])
+    assert case["results"]["fastopt"]["history_len"] == 3
+    if case["results"]["torch"]["status"] == "ok":
+        assert case["results"]["torch"]["history_len"] == 3
+    if case["results"]["scipy"]["status"] == "ok":
+        assert case["results"]["scipy"]["iterations"] == 3 + case["iters_per_step"]
+    assert "closure excluded" in (tmp_path / "lb.md").read_text()
+    assert any(g["goal"].startswith("L-BFGS float32 n=3e3") for g in doc["goals"])
+    with pytest.raises(SystemExit):
+        runner.build_parser().parse_args(["--lbfgs-cases", "1e6"])

@@ -29,6 +29,11 @@ module = _mod
 globals().update({name: getattr(_mod, name) for name in KERNELS})
 
 
+# L-BFGS's passes (fastopt/kernels/lbfgs.pxi), used by fastopt.lbfgs
+LBFGS_KERNELS = ("lbfgs_blocks", "lbfgs_copy", "lbfgs_curvature", "lbfgs_move",
+                 "lbfgs_direction")
+globals().update({name: getattr(_mod, name) for name in LBFGS_KERNELS})
+
 set_flush_denormals = _mod.set_flush_denormals
 get_flush_denormals = _mod.get_flush_denormals
 

@@ -20,6 +20,8 @@ from numba import njit, prange
 from numba.extending import register_jitable
 
 from fastopt.backends import _numba_math as M
+from fastopt.backends._numba_lbfgs import (lbfgs_blocks, lbfgs_copy,  # noqa: F401
+                                           lbfgs_curvature, lbfgs_direction, lbfgs_move)
 from fastopt.rules import KERNELS
 from fastopt.backends._host import as_array, copy_from_host, full, to_host  # noqa: F401
 

@@ -193,6 +193,8 @@ def markdown(doc) -> str:
         out += _denormal_md(sc["denormal"])
     if "torch_model" in sc:
         out += _torch_model_md(sc["torch_model"])
+    if "lbfgs" in sc:
+        out += _lbfgs_md(sc["lbfgs"])
     if doc.get("goals"):
         out += [f"## Performance goals (issue {8 if gpu else 4})", ""]
         rows = [[g["goal"], g["target"], g["measured_text"],
@@ -357,6 +359,41 @@ def _denormal_md(sc):
 # Goals
 # ---------------------------------------------------------------------------
 
+def _lbfgs_md(sc):
+    if "error" in sc:
+        return _error_md("L-BFGS: one iteration", sc)
+    names = {"fastopt": "fastopt.LBFGS", "torch": "torch.optim.LBFGS",
+             "scipy": "SciPy L-BFGS-B (mean, float64)"}
+    out = ["## L-BFGS: time per iteration, closure excluded "
+           "(fastopt's speedup over each peer in parentheses)", ""]
+    rows = []
+    for r in sc["cases"]:
+        cells = []
+        for p in ("fastopt", "torch", "scipy"):
+            res = r["results"].get(p, {})
+            if res.get("status") != "ok":
+                cells.append(res.get("status", ""))
+                continue
+            txt = fmt_time(res["per_iteration_s"])
+            if p in r["speedup"]:
+                txt += f" ({fmt_ratio(r['speedup'][p])})"
+            cells.append(txt)
+        f = r["results"].get("fastopt", {})
+        gbps = (f"{r['fastopt_bytes_per_iteration'] / f['per_iteration_s'] / 1e9:.1f}"
+                if f.get("status") == "ok" and f["per_iteration_s"] > 0 else "–")
+        rows.append([fmt_n(r["n"]), r["history"], r["dtype"], r["threads"]] + cells
+                    + [fmt_time(r["closure_s"]), gbps])
+    out.append(_table(["n", "history", "dtype", "threads"] + [names[p] for p in
+                                                              ("fastopt", "torch", "scipy")]
+                      + ["closure", "fastopt GB/s"], rows))
+    out += ["", "Method: " + " ".join(sc.get("method", "").split()), ""]
+    if sc.get("skipped"):
+        out += ["Skipped for memory: " + "; ".join(
+            f"n={fmt_n(s['n'])} history={s['history']} ({s['reason']})"
+            for s in sc["skipped"]), ""]
+    return out
+
+
 def _find(doc, rule, dtype, n):
     threads = max((c["threads"] for c in doc["cases"]), default=None)
     for c in doc["cases"]:
@@ -481,6 +518,11 @@ def evaluate_goals(doc) -> list:
             goals.append(_goal(f"{c['rule']} {c['dtype']} n=1.6e7: fraction of its roof",
                                "≥ 0.85", v, v is not None and v >= 0.85,
                                None if v is None else f"{v:.2f}"))
+    for row in doc.get("scenarios", {}).get("lbfgs", {}).get("cases", []) or []:
+        v = row["speedup"].get("torch")
+        goals.append(_goal(f"L-BFGS {row['dtype']} n={fmt_n(row['n'])} history="
+                           f"{row['history']}: fastopt vs torch per iteration", "≥ 3×", v,
+                           v is not None and v >= 3.0, None if v is None else f"{v:.2f}×"))
     for row in doc.get("scenarios", {}).get("denormal", {}).get("cases", []):
         v = row["slowdown"].get("fastopt")
         goals.append(_goal(f"subnormal state, Adam {row['dtype']} n={fmt_n(row['n'])}: "

@@ -26,7 +26,7 @@ FULL_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 4_000_0
               16_000_000, 64_000_000)
 QUICK_SIZES = (1_000, 100_000, 1_000_000, 16_000_000)
 QUICK_RULES = ("Adam", "SGD", "Adagrad")
-SCENARIOS = ("overhead", "model", "threads", "denormal", "torch_model")
+SCENARIOS = ("overhead", "model", "threads", "denormal", "torch_model", "lbfgs")
 
 # How the benchmark sets hyperparameters: the rule's defaults (torch's) except where
 # the default leaves work out. SGD is benchmarked with momentum=0.9, the way it is
@@ -49,6 +49,8 @@ class Config:
     mem_fraction: float = 0.7
     roof_bytes_per_array: int = roof_mod.ROOF_BYTES_PER_ARRAY
     model_scale: float = 1.0        # width multiplier of the model scenario's shapes
+    lbfgs_cases: list = field(default_factory=list)  # (n, history); empty: by mode
+    lbfgs_dtype: str = "float32"
     out: str = "bench-out"
     plot: bool = True
     progress: bool | None = None
@@ -389,7 +391,7 @@ def run(cfg: Config, argv=None) -> dict:
         return max(1e6, rule.bytes_per_element(hp, np.dtype(d).itemsize) * n) / 1e6
 
     scen_cost = {"overhead": 40, "model": 400, "threads": 600, "denormal": 400,
-                 "torch_model": 300}
+                 "torch_model": 300, "lbfgs": 600}
     total = (sum(cost(r, d, n) for r, d, n, _ in grid) + 50 * len(threads)
              + sum(scen_cost[s] for s in cfg.scenarios))
     bar = Progress(total, cfg.progress)
@@ -463,6 +465,19 @@ def _int_list(text):
     return out
 
 
+def _lbfgs_cases(text):
+    out = []
+    for tok in _name_list(text):
+        n, sep, h = tok.partition(":")
+        try:
+            out.append((int(float(n.replace("_", ""))), int(h)))
+        except ValueError:
+            sep = ""
+        if not sep or out[-1][0] < 1 or out[-1][1] < 1:
+            raise argparse.ArgumentTypeError(f"expected n:history pairs, got {text!r}")
+    return out
+
+
 def _name_list(text):
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -481,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", action="store_true",
                       help="every rule, float32 and float64, sizes 1e3..6.4e7 (capped by "
                            "memory), all scenarios")
-    p.add_argument("--rules", type=_name_list, help="comma-separated rule names (e.g. Adam,SGD)")
+    p.add_argument("--rules", type=_name_list,
+                   help="comma-separated rule names (e.g. Adam,SGD), or 'none' for no grid")
     p.add_argument("--dtypes", type=_name_list, help="float32,float64")
     p.add_argument("--sizes", type=_int_list, help="comma-separated element counts (1e6 ok)")
     p.add_argument("--threads", type=_int_list,
@@ -503,6 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     prog.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--roof-mb", type=float, help="size of each roof array in MiB (default 128)")
+    p.add_argument("--lbfgs-cases", type=_lbfgs_cases,
+                   help="the lbfgs scenario's cases as n:history pairs (default "
+                        "1e6:10 in --quick; 1e6:10,1e6:100,1e7:10 otherwise)")
+    p.add_argument("--lbfgs-dtype", choices=("float32", "float64"),
+                   help="dtype of the lbfgs scenario (default float32)")
     p.add_argument("--model-scale", type=float,
                    help="width multiplier of the model scenario (default 1: ~16 M parameters)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -516,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> Config:
     from fastopt.rules import RULES
     cfg = full_config() if args.full else quick_config()
-    if args.rules:
+    if args.rules == ["none"]:
+        cfg.rules = []
+    elif args.rules:
         unknown = [r for r in args.rules if r not in RULES]
         if unknown:
             raise SystemExit(f"fastopt bench: unknown rule(s) {', '.join(unknown)}; "
@@ -560,6 +583,10 @@ def config_from_args(args) -> Config:
         cfg.roof_bytes_per_array = int(args.roof_mb * 2**20)
     if args.model_scale:
         cfg.model_scale = args.model_scale
+    if args.lbfgs_cases:
+        cfg.lbfgs_cases = args.lbfgs_cases
+    if args.lbfgs_dtype:
+        cfg.lbfgs_dtype = args.lbfgs_dtype
     return cfg
 
 

@@ -1,5 +1,6 @@
 """The benchmark's extra scenarios: per-call overhead on tiny buffers, a multi-tensor
-model as one FlatParams call, thread scaling, and subnormal state.
+model as one FlatParams call, thread scaling, subnormal state, and the cost of one
+L-BFGS iteration (``fastopt/bench/lbfgs.py``).
 
 Each ``scenario_<name>(cfg, nthreads, roofs, rng, bar)`` returns a JSON-able dict.
 """
@@ -428,3 +429,29 @@ def scenario_torch_model(cfg, nthreads, roofs, rng, bar=None):
         del steps, holders
         gc.collect()
     return {"cases": rows, "labels": dict(TORCH_MODEL_LABELS)}
+
+
+# ---------------------------------------------------------------------------
+# L-BFGS: one iteration, closure excluded (method in fastopt/bench/lbfgs.py)
+# ---------------------------------------------------------------------------
+
+def scenario_lbfgs(cfg, nthreads, roofs, rng, bar=None):
+    from fastopt.bench import lbfgs as L
+    from fastopt.bench.runner import available_memory
+    cases = [tuple(c) for c in cfg.lbfgs_cases] or list(
+        L.QUICK_CASES if cfg.mode == "quick" else L.DEFAULT_CASES)
+    peers = ("fastopt", "torch", "scipy")
+    itemsize = np.dtype(cfg.lbfgs_dtype).itemsize
+    run, skipped = [], []
+    for n, h in cases:
+        need = L.mem_needed(n, h, itemsize, peers)
+        avail = available_memory()
+        if need > cfg.mem_fraction * avail:
+            skipped.append({"n": n, "history": h, "reason": f"needs ~{need / 2**30:.1f} GiB, "
+                            f"{avail / 2**30:.1f} GiB available"})
+        else:
+            run.append((n, h))
+    set_threads(nthreads)
+    out = L.scenario(cfg, nthreads, rng, cases=run, dtype=cfg.lbfgs_dtype, peers=peers)
+    out["skipped"] = skipped
+    return out

@@ -3,3 +3,4 @@
 # cpu_has_avx2_fma() of the baseline module said this CPU runs them.
 include "rules.pxi"
 include "roof.pxi"
+include "lbfgs.pxi"

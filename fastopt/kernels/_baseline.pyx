@@ -3,3 +3,4 @@
 # x86-64): imported on every CPU, used where AVX2/FMA are missing.
 include "rules.pxi"
 include "roof.pxi"
+include "lbfgs.pxi"
