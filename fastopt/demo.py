@@ -15,8 +15,7 @@ The element-wise rules run through the registry's classes (``fastopt.Adam`` …)
 ``fastopt.LBFGS(param, lr=1, max_iter=1, max_eval=25, line_search_fn="strong_wolfe")``:
 one ``step(closure)`` per point, i.e. one quasi-Newton iteration with its line search
 (which may evaluate the closure several times: those trial points are not drawn), so
-every path has one point per step. While ``fastopt.LBFGS`` does not exist the demo
-leaves its path out and says so in the legend and on stderr.
+every path has one point per step.
 
 A path that leaves the plotting box (the saddle has no minimum) stops there: the
 step count is what was asked, the line ends at the box.
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,7 +33,7 @@ import numpy as np
 
 import fastopt
 
-__all__ = ["SURFACES", "PATHS", "Surface", "trajectories", "lbfgs_available", "render",
+__all__ = ["SURFACES", "PATHS", "Surface", "trajectories", "render",
            "main"]
 
 
@@ -156,25 +154,19 @@ COLOURS = {"SGD": "#1f77b4", "Momentum": "#ff7f0e", "Nesterov": "#8c564b",
            "Lion": "#ff00ff", "L-BFGS": "#000000"}
 
 
-def lbfgs_available() -> bool:
-    return hasattr(fastopt, "LBFGS")
-
-
 def _inside(p, box):
     return box[0] <= p[0] <= box[1] and box[2] <= p[1] <= box[3]
 
 
 def trajectories(surface: Surface, steps: int) -> dict[str, np.ndarray]:
     """label → array (k + 1, 2) of the points visited, k ≤ ``steps`` (fewer only when
-    the path left the box). L-BFGS is missing while ``fastopt.LBFGS`` is absent."""
+    the path left the box)."""
     out = {}
     for label, cls_name, fixed in PATHS:
         hp = {"lr": surface.lr[label], **fixed}
         p = np.array(surface.start, dtype=np.float64)
         points = [p.copy()]
         if cls_name == "LBFGS":
-            if not lbfgs_available():
-                continue
             opt = fastopt.LBFGS(p, **hp)
 
             def closure(p=p):
@@ -209,8 +201,7 @@ def _draw_surface(ax, surface: Surface):
     ax.set_aspect("equal" if surface.name != "beale" else "auto")
 
 
-def render(out_dir: Path, steps: int = 300, gif: bool = False,
-           log=sys.stderr) -> list[Path]:
+def render(out_dir: Path, steps: int = 300, gif: bool = False) -> list[Path]:
     """Write demo.png (and demo.gif) under ``out_dir``; returns the files written."""
     try:
         import matplotlib
@@ -225,10 +216,6 @@ def render(out_dir: Path, steps: int = 300, gif: bool = False,
     paths = {name: trajectories(s, steps) for name, s in SURFACES.items()}
     labels = [label for label, _, _ in PATHS]
     colour = COLOURS
-    have_lbfgs = lbfgs_available()
-    if not have_lbfgs:
-        log.write("fastopt demo: fastopt.LBFGS is absent on this build; "
-                  "its path is left out\n")
 
     fig, axes = plt.subplots(1, 3, figsize=(19, 6.6), dpi=100)
     lines = {}
@@ -246,9 +233,7 @@ def render(out_dir: Path, steps: int = 300, gif: bool = False,
         ax.set_title(f"{surface.title} — {steps} steps", fontsize=12)
     handles = [plt.Line2D([], [], color=colour[lb], lw=3, ls="--" if lb == "L-BFGS" else "-")
                for lb in labels]
-    names = [lb if (lb != "L-BFGS" or have_lbfgs) else "L-BFGS (absent on this build)"
-             for lb in labels]
-    fig.legend(handles, names, loc="lower center", ncol=len(labels) // 2, fontsize=11,
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels) // 2, fontsize=11,
                frameon=False)
     fig.suptitle(f"fastopt: {len(labels)} optimizers from the same start, {steps} steps "
                  "(● start, ★ minimum)", fontsize=14)

@@ -101,16 +101,6 @@ def test_lbfgs_path_uses_the_agreed_api(monkeypatch, tmp_path):
     np.testing.assert_array_equal(paths["L-BFGS"][-1], opt.param)
 
 
-def test_without_lbfgs_the_demo_says_so(monkeypatch, tmp_path):
-    import io
-    monkeypatch.delattr(fastopt, "LBFGS", raising=False)
-    assert "L-BFGS" not in demo.trajectories(demo.SURFACES["saddle"], 5)
-    log = io.StringIO()
-    demo.render(tmp_path, steps=5, log=log)
-    assert "LBFGS is absent" in log.getvalue()
-
-
-@pytest.mark.skipif(not demo.lbfgs_available(), reason="fastopt.LBFGS not on this branch yet")
 def test_rosenbrock_lbfgs_gets_closer_than_sgd():
     # torch.optim.LBFGS with these settings is within 1e-3 of (1, 1) after 33 steps
     paths = demo.trajectories(demo.SURFACES["rosenbrock"], 100)
