@@ -39,11 +39,14 @@ def _array(t: torch.Tensor):
     return t.numpy() if t.device.type == "cpu" else t
 
 
-class FlatGroup:
-    """One (device, dtype) slice of a param group; see the module docstring."""
+class FlatLayout:
+    """Parameters of one device and dtype packed into one flat buffer: ``p.data`` is
+    re-pointed at its slice of ``flat``; ``grad_views[i]`` is its slice of ``grad``,
+    the tensor ``p.grad`` becomes once a gradient was gathered. ``name`` is what
+    messages call the optimizer."""
 
-    def __init__(self, params: list, rule):
-        self.rule = rule
+    def __init__(self, params: list, name: str):
+        self.name = name
         self.params = params
         p0 = params[0]
         self.dtype, self.device = p0.dtype, p0.device
@@ -65,6 +68,40 @@ class FlatGroup:
                 p.data = view
         self.grad_views = [self.grad[lo:hi].view(shape)
                            for lo, hi, shape in zip(offsets, offsets[1:], self.shapes)]
+
+    def check_grad(self, i, g):
+        p = self.params[i]
+        if g.layout != torch.strided:
+            raise TypeError(f"param {i} of this group has a {g.layout} gradient; "
+                            f"{self.name} does not support sparse gradients")
+        if g.dtype != p.dtype:
+            raise TypeError(f"param {i} of this group has a {g.dtype} gradient for a "
+                            f"{p.dtype} parameter")
+        if g.shape != p.shape:
+            raise ValueError(f"param {i} of this group has a gradient of shape "
+                             f"{tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+        if g.device != p.device:
+            raise ValueError(f"param {i} of this group has its gradient on {g.device}, "
+                             f"the parameter on {p.device}")
+
+    def adopt(self, foreign) -> None:
+        """Copy checked gradients ``[(i, g), ...]`` into the flat gradient buffer (one
+        pass) and re-point each ``p.grad`` at its view."""
+        if foreign:
+            with torch.no_grad():
+                torch._foreach_copy_([self.grad_views[i] for i, _ in foreign],
+                                     [g for _, g in foreign])
+            for i, _ in foreign:
+                self.params[i].grad = self.grad_views[i]
+
+
+class FlatGroup(FlatLayout):
+    """One (device, dtype) slice of a param group, stepped by the rule's kernel; see
+    the module docstring."""
+
+    def __init__(self, params: list, rule):
+        super().__init__(params, f"fastopt.torch.{rule.name}")
+        self.rule = rule
         self.data_ptrs = [p.data_ptr() for p in params]  # where each p.data is now
         self.home_ptrs = list(self.data_ptrs)              # where the flat buffer has it
         self.elsewhere: set = set()  # params whose .data was re-pointed away from it
@@ -93,7 +130,7 @@ class FlatGroup:
             if g is None:
                 continue
             if g is not views[i]:
-                self._check_grad(i, g)
+                self.check_grad(i, g)
                 foreign.append((i, g))
             active.append(i)
         return moved, active, foreign
@@ -104,7 +141,7 @@ class FlatGroup:
             self.keys = [self._run(0, n, self.keys[0], hp, nthreads)] * n
             return
         moved, active, foreign = plan
-        params, views = self.params, self.grad_views
+        params = self.params
         for i in moved:
             self.data_ptrs[i] = params[i].data_ptr()
             if self.data_ptrs[i] == self.home_ptrs[i]:
@@ -115,10 +152,7 @@ class FlatGroup:
         with torch.no_grad():
             for i in outside:
                 self._home(i).copy_(params[i].data)
-            if foreign:
-                torch._foreach_copy_([views[i] for i, _ in foreign], [g for _, g in foreign])
-            for i, _ in foreign:
-                params[i].grad = views[i]
+        self.adopt(foreign)
         keys = self.keys
         k = 0
         while k < len(active):
@@ -180,22 +214,6 @@ class FlatGroup:
             self._bound.clear()
         else:
             buf[lo:hi].fill_(fill)
-
-    def _check_grad(self, i, g):
-        p = self.params[i]
-        if g.layout != torch.strided:
-            raise TypeError(f"param {i} of this group has a {g.layout} gradient; "
-                            f"fastopt.torch.{self.rule.name} does not support sparse "
-                            "gradients")
-        if g.dtype != p.dtype:
-            raise TypeError(f"param {i} of this group has a {g.dtype} gradient for a "
-                            f"{p.dtype} parameter")
-        if g.shape != p.shape:
-            raise ValueError(f"param {i} of this group has a gradient of shape "
-                             f"{tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
-        if g.device != p.device:
-            raise ValueError(f"param {i} of this group has its gradient on {g.device}, "
-                             f"the parameter on {p.device}")
 
     def _moved(self) -> list:
         """Parameters whose ``.data`` was re-pointed since the last step (``p.data =
