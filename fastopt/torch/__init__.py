@@ -23,6 +23,7 @@ import inspect
 import torch
 
 from fastopt.rules import RULES, Rule
+from fastopt.torch.lbfgs import LBFGS
 from fastopt.torch.optimizer import DISPATCH_FLAGS, Optimizer, _plain
 
 
@@ -81,4 +82,4 @@ def _make_class(rule: Rule):
 
 OPTIMIZERS = {name: _make_class(rule) for name, rule in RULES.items()}
 globals().update(OPTIMIZERS)
-__all__ = ["Optimizer", *OPTIMIZERS]
+__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS]
