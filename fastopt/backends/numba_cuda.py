@@ -13,10 +13,12 @@ whose ``step(grad, args, nthreads)`` checks only the gradient and launches. A
 gradient seen before (the same Numba/simulator array, or a torch tensor whose
 pointer, length and dtype have not changed) reuses the Numba view made of it
 the first time, so a step makes no driver query and imports nothing. On a real
-GPU the compiled kernel is looked up once (``dispatcher.compile``) and launched
-directly (``kernel.launch``), skipping Numba's per-call argument typing and
-overload resolution; ``FASTOPT_CUDA_DIRECT_LAUNCH=0`` goes through the
-dispatcher instead. Numba still converts the six arguments to C values at each
+GPU, with ``FASTOPT_CUDA_DIRECT_LAUNCH=1``, the compiled kernel is looked up
+once (``dispatcher.compile``) and launched directly (``kernel.launch``), skipping
+Numba's per-call argument typing and overload resolution. It is off by default:
+it was written against numba-cuda 0.30.4's source without a GPU, and stays
+opt-in until the GPU lane's ``test_gpu_direct_launch_equals_dispatcher_launch``
+has passed on one; the default launches through Numba's dispatcher. Numba still converts the six arguments to C values at each
 launch; packing them once and changing only the gradient pointer and the
 scalars would go below Numba's API (driver-level launch) and is left for a GPU
 profile to justify.
@@ -554,9 +556,10 @@ class Bound:
             self.argtypes, self.direct = argtypes, kern
 
 
-# Launch the compiled kernel directly (see Bound._launch); FASTOPT_CUDA_DIRECT_LAUNCH=0
-# goes through Numba's dispatcher every step instead.
-DIRECT_LAUNCH = os.environ.get("FASTOPT_CUDA_DIRECT_LAUNCH", "1") != "0"
+# Launch the compiled kernel directly (see Bound._launch) with
+# FASTOPT_CUDA_DIRECT_LAUNCH=1; by default every step goes through Numba's
+# dispatcher, until the direct path has been checked on a GPU (module docstring).
+DIRECT_LAUNCH = os.environ.get("FASTOPT_CUDA_DIRECT_LAUNCH", "0") == "1"
 
 # numba-cuda >= 0.2x's kernels take a cuda.core stream (its dispatcher converts);
 # Numba's built-in CUDA target takes its own Stream or 0.
