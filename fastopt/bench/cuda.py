@@ -32,7 +32,7 @@ import numpy as np
 
 from fastopt.bench import peers as P
 from fastopt.bench.runner import (BENCH_HYPERS, _hp_json, build_steps, machine_info,
-                                  merge_timings, output_paths, speedups)
+                                  merge_timings, speedups, write_outputs)
 
 GPU_SIZES = (1_000, 10_000, 100_000, 1_000_000, 2 ** 24, 2 ** 26, 2 ** 28)
 GPU_RULES = ("Adam", "AdamW", "SGD", "Adagrad")
@@ -335,30 +335,10 @@ def gpu_config(cfg, args):
 
 
 def main(cfg, args, argv) -> int:
-    import os
-
-    from fastopt.bench import report
     try:
         torch = find_device()
     except NoDevice as exc:
         print(f"fastopt bench: {exc}", file=sys.stderr)
         return 1
     cfg = gpu_config(cfg, args)
-    doc = run_gpu(Device(torch), cfg, argv)
-    paths = output_paths(cfg.out, f"cuda-{cfg.mode}")
-    os.makedirs(os.path.dirname(paths["json"]) or ".", exist_ok=True)
-    md = report.markdown(doc)
-    report.write_json(doc, paths["json"])
-    with open(paths["md"], "w") as f:
-        f.write(md)
-    written = [paths["json"], paths["md"]]
-    if cfg.plot:
-        msg = report.plot(doc, paths["png"])
-        if msg:
-            print(f"fastopt bench: {msg}", file=sys.stderr)
-        else:
-            written.append(paths["png"])
-    sys.stdout.write(md)
-    print(f"fastopt bench: wrote {', '.join(written)} in {doc['elapsed_s']:.1f} s",
-          file=sys.stderr)
-    return 0
+    return write_outputs(run_gpu(Device(torch), cfg, argv), cfg, f"cuda-{cfg.mode}")

@@ -599,15 +599,19 @@ def output_paths(out: str, mode: str) -> dict:
 
 
 def main(argv=None) -> int:
-    from fastopt.bench import report
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     if args.device == "cuda":
         from fastopt.bench import cuda as cuda_bench
         return cuda_bench.main(cfg, args, argv)
-    doc = run(cfg, argv)
-    paths = output_paths(cfg.out, cfg.mode)
+    return write_outputs(run(cfg, argv), cfg, cfg.mode)
+
+
+def write_outputs(doc, cfg, mode) -> int:
+    """The run's Markdown on stdout; JSON, Markdown and PNG under ``cfg.out``."""
+    from fastopt.bench import report
+    paths = output_paths(cfg.out, mode)
     os.makedirs(os.path.dirname(paths["json"]) or ".", exist_ok=True)
     md = report.markdown(doc)
     report.write_json(doc, paths["json"])

@@ -23,6 +23,7 @@ import torch
 
 from fastopt import lbfgs as _core
 from fastopt.torch.layout import FlatLayout, check_param_dtype
+from fastopt.torch.optimizer import after_load_pre_hooks, with_state_dict_hooks
 
 _increment_version = torch.autograd.graph.increment_version
 _HYPERS = tuple(_core.DEFAULTS)
@@ -122,28 +123,17 @@ class LBFGS(torch.optim.Optimizer):
 
     # -- checkpoints in torch.optim.LBFGS's format ------------------------------------
     def state_dict(self) -> dict:
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
+        return with_state_dict_hooks(self, self._state_dict)
+
+    def _state_dict(self) -> dict:
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         group["params"] = list(range(len(self._layout.params)))
-        state_dict = {"state": {0: _to_torch(self._core.state_dict())},
-                      "param_groups": [group]}
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+        return {"state": {0: _to_torch(self._core.state_dict())}, "param_groups": [group]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this class or of torch.optim.LBFGS; everything is
         checked first, and on any error nothing changes."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        state_dict = state_dict.copy()
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
+        state_dict = after_load_pre_hooks(self, state_dict)
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != 1:
             raise ValueError("loaded state dict has a different number of parameter groups")

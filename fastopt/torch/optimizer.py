@@ -171,8 +171,9 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- checkpoints in torch's format ---------------------------------------------
     def state_dict(self) -> dict:
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
+        return with_state_dict_hooks(self, self._state_dict)
+
+    def _state_dict(self) -> dict:
         index: dict = {}
         groups = []
         for group in self.param_groups:
@@ -188,23 +189,12 @@ class Optimizer(torch.optim.Optimizer):
                 fg, i = self._where[p]
                 if fg.has_state(i):
                     state[index[id(p)]] = fg.export(i, step_dtype)
-        state_dict = {"state": state, "param_groups": groups}
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a ``state_dict`` of this class or of ``torch.optim``'s namesake.
         Everything is checked first; on any error nothing changes."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        state_dict = state_dict.copy()
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
+        state_dict = after_load_pre_hooks(self, state_dict)
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict lacks {key!r}: not an optimizer state dict")
@@ -256,6 +246,30 @@ class Optimizer(torch.optim.Optimizer):
     def __repr__(self):
         text = super().__repr__()
         return "fastopt.torch." + text
+
+
+def with_state_dict_hooks(opt, build) -> dict:
+    """``build()``'s state dict with torch's state_dict pre- and post-hooks run."""
+    for hook in opt._optimizer_state_dict_pre_hooks.values():
+        hook(opt)
+    state_dict = build()
+    for hook in opt._optimizer_state_dict_post_hooks.values():
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
+
+
+def after_load_pre_hooks(opt, state_dict) -> dict:
+    """A shallow copy of ``state_dict`` after torch's load_state_dict pre-hooks."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    state_dict = state_dict.copy()
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
 
 
 class _State(MutableMapping):
