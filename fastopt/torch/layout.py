@@ -1,10 +1,11 @@
 """The flat layout behind ``fastopt.torch``: one param group's tensors of one
 (device, dtype) packed into one contiguous buffer, so that a step is one kernel call.
 
-``FlatGroup(params, rule)`` copies the parameters into a flat buffer and re-points
+``FlatLayout(params, name)`` copies the parameters into a flat buffer and re-points
 each ``p.data`` at its slice; gradients get a flat buffer of the same layout whose
 slices become ``p.grad`` at the first step, so ``backward()`` accumulates into it in
-place. State buffers are flat too, allocated when a rule first needs them.
+place. ``FlatGroup(params, rule)`` adds what an element-wise rule needs: flat state
+buffers, allocated when the rule first needs them, and the kernel calls.
 
 Per-parameter bookkeeping follows torch exactly (a parameter whose ``grad`` is None
 is skipped: no decay, no state, no step count). Each parameter carries a key
@@ -110,7 +111,7 @@ class FlatGroup(FlatLayout):
         self.uniform = False            # every param has keys[0] and its grad view
         self._bound: dict = {}          # (lo, hi, buffer names) -> bound kernel
         self._backend = backends.for_array(self.flat)
-        self._arrays = {}               # tensor id -> backend array (cached views)
+        self._arrays = {}               # (lo, hi) -> the gradient slice the kernel takes
 
     # -- per-step: prepare() checks, run() writes --------------------------------
     def prepare(self):
@@ -194,17 +195,14 @@ class FlatGroup(FlatLayout):
         args, new_scalars = rule.plan(hp, t + 1, dict(zip(names, scalars)), fresh)
         bound = self._bound.get((lo, hi, needed))
         if bound is None:
-            bufs = [self._arr(self.state[b.name][lo:hi]) if b.name in needed else None
+            bufs = [_array(self.state[b.name][lo:hi]) if b.name in needed else None
                     for b in rule.buffers]
             bound = backends.bind(self._backend, rule.kernel,
-                                  self._arr(self.flat[lo:hi]), bufs)
+                                  _array(self.flat[lo:hi]), bufs)
             self._bound[(lo, hi, needed)] = bound
-            self._arrays[(lo, hi)] = self._arr(self.grad[lo:hi])
+            self._arrays[(lo, hi)] = _array(self.grad[lo:hi])
         bound.step(self._arrays[(lo, hi)], args, nthreads)
         return (t + 1, tuple(new_scalars[s] for s in names) if names else (), present)
-
-    def _arr(self, t):
-        return _array(t)
 
     def _allocate(self, name, lo, hi, hp):
         buf = self.state.get(name)
