@@ -46,9 +46,11 @@ def _plain(value):
     return value
 
 
-def _has_tensor(values) -> bool:
-    return any(isinstance(v, torch.Tensor) or
-               (isinstance(v, (tuple, list)) and _has_tensor(v)) for v in values)
+def _mutable(values) -> bool:
+    """Whether a value could change in place (a tensor, a list), so that comparing it
+    with the cached one proves nothing."""
+    return any(isinstance(v, (torch.Tensor, list)) or
+               (isinstance(v, tuple) and _mutable(v)) for v in values)
 
 
 def _scalar_dtype():
@@ -107,7 +109,7 @@ class Optimizer(torch.optim.Optimizer):
         """Group i's checked hyperparameters; re-checked only when a value changed."""
         raw = self._raw(group)
         cached = self._hp_cache[i]
-        if cached[0] == raw and not _has_tensor(raw):
+        if cached[0] == raw and not _mutable(raw):
             return cached[1]
         hp = self._group_hypers(group)
         self._hp_cache[i] = (raw, hp)
