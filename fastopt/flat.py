@@ -211,7 +211,9 @@ class _Torch:
             dst.copy_(view)
 
 
-class _CuPy:
+class _CuPy(_Host):
+    """CuPy arrays behave as NumPy's; only allocation and copying back differ."""
+
     def prepare(self, arrays):
         import cupy
         self.cupy = cupy
@@ -220,21 +222,9 @@ class _CuPy:
         self.device = f"cuda:{self.dev.id}"
         return arrays
 
-    def dtype(self, a):
-        return np.dtype(a.dtype)
-
     def zeros(self, n, dtype):
         with self.dev:
             return self.cupy.zeros(n, dtype=dtype)
-
-    def view(self, buf, lo, hi, shape):
-        return buf[lo:hi].reshape(shape)
-
-    def assign(self, view, a):
-        view[...] = a
-
-    def zero(self, buf):
-        buf.fill(0)
 
     def copy_back(self, dst, view):
         dst[...] = view
