@@ -75,3 +75,24 @@ def grads(n, steps, dtype, seed=0):
 
 def initial_param(n, dtype, seed=1):
     return np.random.default_rng(seed).standard_normal(n).astype(dtype)
+
+
+# One flag set per kernel path for the CUDA kernels against the CPU (the simulator
+# suite in test_numba_backends.py and the GPU lane in test_cuda_gpu.py)
+CUDA_CASES = [
+    ("SGD", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+    ("SGD", {"maximize": True}),
+    ("SGDW", {"momentum": 0.9, "dampening": 0.2, "weight_decay": 0.1}),
+    ("Adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True}),
+    ("AdamW", {}),
+    ("Adagrad", {"lr_decay": 0.01, "weight_decay": 0.1}),
+    ("RMSprop", {"centered": True, "momentum": 0.9, "weight_decay": 0.1}),
+    ("RMSprop", {"maximize": True}),
+    ("Adadelta", {"weight_decay": 0.1}),
+    ("Adamax", {"maximize": True, "weight_decay": 0.1}),
+    ("NAdam", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("RAdam", {"weight_decay": 0.1}),
+    ("ASGD", {"t0": 3.0, "weight_decay": 0.1}),
+    ("Rprop", {"maximize": True}),
+    ("Lion", {"weight_decay": 0.1}),
+]

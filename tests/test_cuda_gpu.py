@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from fastopt import backends
+from cases import CUDA_CASES
 from fastopt.rules import RULES
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -49,21 +50,6 @@ def _gpu_reason():
 REASON = _gpu_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=str(REASON))]
 
-CASES = [
-    ("SGD", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
-    ("SGD", {"maximize": True}),
-    ("Adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True}),
-    ("AdamW", {}),
-    ("Adagrad", {"lr_decay": 0.01, "weight_decay": 0.1}),
-    ("RMSprop", {"centered": True, "momentum": 0.9, "weight_decay": 0.1}),
-    ("Adadelta", {"weight_decay": 0.1}),
-    ("Adamax", {"maximize": True, "weight_decay": 0.1}),
-    ("NAdam", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
-    ("RAdam", {"weight_decay": 0.1}),
-    ("ASGD", {"t0": 3.0, "weight_decay": 0.1}),
-    ("Rprop", {"maximize": True}),
-    ("Lion", {"weight_decay": 0.1}),
-]
 LENGTHS = (1000, 2 ** 20 + 3)
 STEPS = 12  # RAdam: rectified from t = 6; ASGD: averaging from t = 4
 
@@ -116,7 +102,7 @@ def _run(name, hp, n, dtype, put, get, backend, bound):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name,hp", CASES, ids=[f"{n}{sorted(h.items())}" for n, h in CASES])
+@pytest.mark.parametrize("name,hp", CUDA_CASES, ids=[f"{n}{sorted(h.items())}" for n, h in CUDA_CASES])
 def test_gpu_bitwise_equal_to_cpu(name, hp, dtype, device_grid):
     from numba import cuda
     numba_cpu = backends.load("numba")

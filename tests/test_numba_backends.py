@@ -26,6 +26,7 @@ import pytest  # noqa: E402
 
 from fastopt import backends  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
+from cases import CUDA_CASES  # noqa: E402
 
 NUMBA = backends.load("numba")
 CYTHON = backends.load("cython") if backends.available("cython") else None
@@ -171,23 +172,6 @@ def test_radam_and_asgd_cases_reach_both_branches():
 # (b) CUDA kernels (simulator without a GPU) == Numba CPU, bit for bit
 # --------------------------------------------------------------------------
 
-CUDA_CASES = [
-    ("SGD", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
-    ("SGD", {"maximize": True}),
-    ("SGDW", {"momentum": 0.9, "dampening": 0.2, "weight_decay": 0.1}),
-    ("Adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True}),
-    ("AdamW", {}),
-    ("Adagrad", {"lr_decay": 0.01, "weight_decay": 0.1}),
-    ("RMSprop", {"centered": True, "momentum": 0.9, "weight_decay": 0.1}),
-    ("RMSprop", {"maximize": True}),
-    ("Adadelta", {"weight_decay": 0.1}),
-    ("Adamax", {"maximize": True, "weight_decay": 0.1}),
-    ("NAdam", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
-    ("RAdam", {"weight_decay": 0.1}),
-    ("ASGD", {"t0": 3.0, "weight_decay": 0.1}),
-    ("Rprop", {"maximize": True}),
-    ("Lion", {"weight_decay": 0.1}),
-]
 CUDA_N = 1000     # > BLOCK_SIZE * MAX_BLOCKS below: several blocks, the stride loop runs
 CUDA_STEPS = 12   # RAdam: ρ_t > 5 from t = 6, ASGD: μ ≠ 1 from t = 5
 
