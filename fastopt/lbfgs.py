@@ -29,6 +29,7 @@ from fastopt import backends
 from fastopt._checks import FLOAT_DTYPES
 from fastopt.backends._host import as_array, full
 from fastopt.flat import FlatParams
+from fastopt.rules import _real
 
 STATE_DICT_FORMAT = "fastopt.state_dict/1"
 _threads = backends._num_threads
@@ -41,15 +42,6 @@ _SCALARS = ("func_evals", "n_iter", "t", "H_diag", "prev_loss")
 # ---------------------------------------------------------------------------
 # Hyperparameters: torch's wording first (it has one for lr), then the name.
 # ---------------------------------------------------------------------------
-
-def _real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    try:
-        return float(value)
-    except OverflowError:
-        raise ValueError(f"{name} = {value!r} does not fit in a float") from None
-
 
 def _int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -40,7 +40,10 @@ def _real(name: str, value: Any) -> float:
     # bool is an int subclass; a flag passed as a rate is almost certainly a bug
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float64's range (10**400)
+        raise ValueError(f"{name} = {value!r} does not fit in a float") from None
 
 
 def _flag(name: str, value: Any) -> bool:

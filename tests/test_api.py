@@ -165,6 +165,7 @@ BAD_HYPERS = [
     ("Adam", {"weight_decay": -1.0}, ValueError, "Invalid weight_decay value: -1.0", "weight_decay"),
     ("Adam", {"lr": "0.1"}, TypeError, "'0.1'", "lr"),
     ("Adam", {"lr": None}, TypeError, "None", "lr"),
+    ("Adam", {"lr": 10 ** 400}, ValueError, "does not fit in a float", "lr"),
     ("Adam", {"amsgrad": "yes"}, TypeError, "'yes'", "amsgrad"),
     ("Adam", {"lr_decay": 0.1}, TypeError, "lr_decay", "lr_decay"),
     ("SGD", {"momentum": -0.5}, ValueError, "Invalid momentum value: -0.5", "momentum"),
