@@ -47,10 +47,16 @@ def _plain(value):
 
 
 def _mutable(values) -> bool:
-    """Whether a value could change in place (a tensor, a list), so that comparing it
-    with the cached one proves nothing."""
     return any(isinstance(v, (torch.Tensor, list)) or
                (isinstance(v, tuple) and _mutable(v)) for v in values)
+
+
+def _cache_entry(raw: tuple, hp: dict) -> tuple:
+    """(raw values to compare the group's with, their checked hp). A value that can
+    change in place (a tensor, a list) would compare equal to itself after a change
+    (tuple equality tries identity first), so such a group is cached with a raw that
+    matches nothing: it is re-checked every step. Decided once, not per step."""
+    return (object(), hp) if _mutable(raw) else (raw, hp)
 
 
 def _scalar_dtype():
@@ -65,7 +71,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict):
         self._flat: list[list[FlatGroup]] = []   # per param group
-        self._hp_cache: list = []                # per param group: (raw values, hp)
+        self._hp_cache: list = []                # per param group: _cache_entry(...)
         self._where: dict = {}                   # param -> (FlatGroup, index)
         self._hyper_names = tuple(h.name for h in self.rule.hypers)
         super().__init__(params, defaults)
@@ -86,7 +92,7 @@ class Optimizer(torch.optim.Optimizer):
             for fg in layout:
                 fg.init_state(hp)
         self._flat.append(layout)
-        self._hp_cache.append((self._raw(group), hp))
+        self._hp_cache.append(_cache_entry(self._raw(group), hp))
 
     def _check_flags(self, group):
         for flag, why in _REFUSED.items():
@@ -108,11 +114,11 @@ class Optimizer(torch.optim.Optimizer):
     def _hypers(self, i: int, group) -> dict:
         """Group i's checked hyperparameters; re-checked only when a value changed."""
         raw = self._raw(group)
-        cached = self._hp_cache[i]
-        if cached[0] == raw and not _mutable(raw):
-            return cached[1]
+        cached_raw, hp = self._hp_cache[i]
+        if cached_raw == raw:
+            return hp
         hp = self._group_hypers(group)
-        self._hp_cache[i] = (raw, hp)
+        self._hp_cache[i] = _cache_entry(raw, hp)
         return hp
 
     def _pack(self, params) -> list[FlatGroup]:
@@ -237,7 +243,7 @@ class Optimizer(torch.optim.Optimizer):
         for fg, i, key, bufs in imports:
             fg.apply_import(i, key, bufs)
         self.param_groups = new_groups
-        self._hp_cache = [(self._raw(g), hp) for g, hp in zip(new_groups, new_hps)]
+        self._hp_cache = [_cache_entry(self._raw(g), hp) for g, hp in zip(new_groups, new_hps)]
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
