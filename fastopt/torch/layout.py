@@ -246,12 +246,6 @@ class FlatGroup(FlatLayout):
                 p.grad = g  # a foreign gradient: zero in our layout instead
 
     # -- state as torch shows it ----------------------------------------------
-    def index(self, p) -> int:
-        for i, q in enumerate(self.params):
-            if q is p:
-                return i
-        raise KeyError(p)
-
     def has_state(self, i) -> bool:
         return self.keys[i] != NO_STATE
 
