@@ -111,12 +111,12 @@ def _extensions():
         _log("FASTOPT_NO_EXTENSIONS=1: skipping the compiled kernels")
         return []
     try:
-        import numpy  # noqa: F401  (build requirement; kept for future use)
+        import numpy  # the engine reads arrays through NumPy's C API
         from Cython.Build import cythonize
     except ImportError as exc:
         _log(f"WARNING: {exc}; building without compiled kernels")
         return []
-    common = dict(include_dirs=[os.path.join(HERE, "csrc")],
+    common = dict(include_dirs=[os.path.join(HERE, "csrc"), numpy.get_include()],
                   define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
     exts = [Extension("fastopt.kernels._baseline", ["fastopt/kernels/_baseline.pyx"],
                       **common)]

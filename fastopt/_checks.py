@@ -40,8 +40,9 @@ def coerce(name: str, obj, backend):
         raise TypeError(f"{name} must be a float32 or float64 array, got None")
     if isinstance(obj, (list, tuple)):
         raise TypeError(f"{name} must be one array, got a {type(obj).__name__} of "
-                        f"{len(obj)} items; pack several arrays into one buffer with "
-                        "fastopt.FlatParams(arrays) and pass it (its .grad for the gradient)")
+                        f"{len(obj)} items; an optimizer built from one array (or a "
+                        "FlatParams) takes one gradient; build it from a list of arrays "
+                        "to step several")
     try:
         arr = backend.as_array(obj)
     except TypeError as exc:
@@ -112,6 +113,17 @@ def check_buffers(names, arrays):
             if alo < bhi and blo < ahi:
                 raise ValueError(f"{nb} shares memory with {na}; every buffer must be "
                                  "distinct (pass a copy)")
+
+
+def check_distinct(named):
+    """ValueError naming the first two of ``named`` ((name, array) pairs, all written)
+    that share memory."""
+    present = [(n, a) for n, a in named if a is not None and a.shape[0] > 0]
+    ranges = sorted((_byte_range(a) + (n,) for n, a in present), key=lambda r: r[0])
+    for (alo, ahi, na), (blo, bhi, nb) in zip(ranges, ranges[1:]):
+        if blo < ahi:
+            raise ValueError(f"{nb} shares memory with {na}; every buffer that is written "
+                             "must be distinct (pass a copy)")
 
 
 def check_step(step) -> int:

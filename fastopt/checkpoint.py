@@ -1,7 +1,8 @@
 """Checkpoints: a state dict in one ``.npz`` file, without pickle, written atomically.
 
-The file holds the state arrays under ``state/<name>`` and everything else as UTF-8
-JSON in ``meta``. ``save`` writes a temporary file in the same folder, flushes it to
+The file holds the state arrays under ``state/<name>`` (``state/<i>/<name>`` for the
+i-th array of an optimizer built from a list) and everything else as UTF-8 JSON in
+``meta``. ``save`` writes a temporary file in the same folder, flushes it to
 disk and renames it over the target, so a crash mid-save leaves the previous file.
 """
 
@@ -29,9 +30,14 @@ def save(state_dict: dict, path) -> None:
     meta = {k: state_dict[k] for k in _KEYS}
     meta["hyperparameters"] = {k: list(v) if isinstance(v, tuple) else v
                                for k, v in meta["hyperparameters"].items()}
-    meta["state"] = sorted(state_dict["state"])
-    arrays = {_STATE + name: np.ascontiguousarray(arr)
-              for name, arr in state_dict["state"].items()}
+    state = state_dict["state"]
+    if isinstance(state, (list, tuple)):  # one dict per array
+        meta["state"] = [sorted(st) for st in state]
+        arrays = {f"{_STATE}{i}/{name}": np.ascontiguousarray(arr)
+                  for i, st in enumerate(state) for name, arr in st.items()}
+    else:
+        meta["state"] = sorted(state)
+        arrays = {_STATE + name: np.ascontiguousarray(arr) for name, arr in state.items()}
     arrays[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -61,12 +67,20 @@ def load(path) -> dict:
             meta = json.loads(npz[_META].tobytes().decode("utf-8"))
             if not isinstance(meta, dict) or any(k not in meta for k in _KEYS + ("state",)):
                 raise ValueError("'meta' lacks required keys")
-            state = {}
-            for name in meta["state"]:
-                key = _STATE + name
-                if key not in names:
-                    raise ValueError(f"state array {name!r} is missing")
-                state[name] = np.array(npz[key])  # reads and CRC-checks the entry
+
+            def read(prefix, entries):
+                out = {}
+                for name in entries:
+                    if prefix + name not in names:
+                        raise ValueError(f"state array {prefix + name!r} is missing")
+                    out[name] = np.array(npz[prefix + name])  # reads and CRC-checks it
+                return out
+
+            listed = meta["state"]
+            if listed and all(isinstance(e, list) for e in listed):
+                state = [read(f"{_STATE}{i}/", e) for i, e in enumerate(listed)]
+            else:
+                state = read(_STATE, listed)
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile,

@@ -27,7 +27,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["Hyper", "Buffer", "Rule", "RULES", "KERNELS", "get_rule"]
+__all__ = ["Hyper", "Buffer", "Rule", "RULES", "KERNELS", "get_rule", "kernel_rule"]
+
+# State buffer slots of the kernels' calling convention (param and grad come first)
+MAX_BUFFERS = 3
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +188,10 @@ class Rule:
     bytes_per_element: Callable[[Mapping[str, Any], int], int]
     paper: str
     update: str                     # the update in one line, for docs
+    # the names of plan's kernel arguments, in order; a trailing "?" marks a flag
+    # (passed as 0.0/1.0). The generated kernel tables (fastopt/kernels/generate.py)
+    # give each rule's body these names, so no backend indexes the tuple by hand.
+    plan_fields: tuple[str, ...]
     scalars: tuple[tuple[str, Callable[[Mapping[str, Any]], float]], ...] = ()
     validate: Callable[[Mapping[str, Any]], None] = lambda hp: None
     # ValueError for scalar state no run can reach (a corrupt checkpoint, a bad
@@ -437,6 +444,14 @@ _ADAM_UPDATE = ("m ← lerp(m, g, 1−β1); v ← β2v + (1−β2)g²; "
                 "θ ← θ − (γ/bc1)·m/(√v/√bc2 + ε)")
 
 
+
+# The kernels' per-step arguments, by name, in the order each plan returns them
+_SGD_FIELDS = ("lr", "weight_decay", "decay", "momentum", "one_minus_dampening",
+               "nesterov?", "first?", "maximize?")
+_ADAM_FIELDS = ("step_size", "one_minus_beta1", "beta2", "one_minus_beta2",
+                "inv_bias_correction2_sqrt", "eps", "weight_decay", "decay", "maximize?")
+
+
 RULES: dict[str, Rule] = {}
 
 
@@ -450,7 +465,8 @@ _add(Rule(
     _plan_sgd, _SGD_BYTES,
     paper="Robbins & Monro 1951; momentum: Polyak 1964; Nesterov: Sutskever et al. 2013",
     update="b ← μb + (1−τ)g; g ← g + μb (nesterov) or b; θ ← θ − γg",
-    validate=_sgd_validate, step_in_state=False))
+    validate=_sgd_validate, step_in_state=False,
+    plan_fields=_SGD_FIELDS))
 
 _add(Rule(
     "SGDW", "sgd", _sgd_hypers(),
@@ -458,17 +474,20 @@ _add(Rule(
     lambda hp, t, s, f: _plan_sgd(hp, t, s, f, decoupled=True), _SGD_BYTES,
     paper="Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization",
     update="θ ← θ(1 − γλ); then SGD with momentum",
-    validate=_sgd_validate, in_torch=False, step_in_state=False))
+    validate=_sgd_validate, in_torch=False, step_in_state=False,
+    plan_fields=_SGD_FIELDS))
 
 _add(Rule(
     "Adam", "adam", _ADAM_HYPERS(1e-3, 0.0, False), _ADAM_BUFFERS, _plan_adam, _ADAM_BYTES,
     paper="Kingma & Ba 2015, Adam; AMSGrad: Reddi et al. 2018",
-    update=_ADAM_UPDATE))
+    update=_ADAM_UPDATE,
+    plan_fields=_ADAM_FIELDS))
 
 _add(Rule(
     "AdamW", "adam", _ADAM_HYPERS(1e-3, 1e-2, True), _ADAM_BUFFERS, _plan_adam, _ADAM_BYTES,
     paper="Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization",
-    update="θ ← θ(1 − γλ); then Adam"))
+    update="θ ← θ(1 − γλ); then Adam",
+    plan_fields=_ADAM_FIELDS))
 
 _add(Rule(
     "Adagrad", "adagrad",
@@ -479,7 +498,8 @@ _add(Rule(
     (Buffer("sum", fill=lambda hp: hp["initial_accumulator_value"]),),
     _plan_adagrad, _bytes(2), state_at_init=True,
     paper="Duchi, Hazan & Singer 2011, Adaptive Subgradient Methods",
-    update="s ← s + g²; θ ← θ − γ/(1 + (t−1)·lr_decay) · g/(√s + ε)"))
+    update="s ← s + g²; θ ← θ − γ/(1 + (t−1)·lr_decay) · g/(√s + ε)",
+    plan_fields=("clr", "eps", "weight_decay", "maximize?")))
 
 _add(Rule(
     "RMSprop", "rmsprop",
@@ -492,7 +512,9 @@ _add(Rule(
     _plan_rmsprop,
     lambda hp, isz: isz * (5 + 2 * (hp["momentum"] > 0) + 2 * hp["centered"]),
     paper="Hinton, Lecture 6e of Neural Networks for Machine Learning, 2012",
-    update="v ← αv + (1−α)g²; θ ← θ − γ·g/(√v + ε)"))
+    update="v ← αv + (1−α)g²; θ ← θ − γ·g/(√v + ε)",
+    plan_fields=("lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum",
+                 "maximize?")))
 
 _add(Rule(
     "Adadelta", "adadelta",
@@ -501,7 +523,8 @@ _add(Rule(
     (Buffer("square_avg"), Buffer("acc_delta")),
     _plan_adadelta, _bytes(3),
     paper="Zeiler 2012, ADADELTA: An Adaptive Learning Rate Method",
-    update="v ← ρv + (1−ρ)g²; Δ = √(u+ε)/√(v+ε)·g; u ← ρu + (1−ρ)Δ²; θ ← θ − γΔ"))
+    update="v ← ρv + (1−ρ)g²; Δ = √(u+ε)/√(v+ε)·g; u ← ρu + (1−ρ)Δ²; θ ← θ − γΔ",
+    plan_fields=("lr", "rho", "one_minus_rho", "eps", "weight_decay", "maximize?")))
 
 _add(Rule(
     "Adamax", "adamax",
@@ -509,7 +532,8 @@ _add(Rule(
     (Buffer("exp_avg"), Buffer("exp_inf")),
     _plan_adamax, _bytes(3),
     paper="Kingma & Ba 2015, Adam, section 7",
-    update="m ← lerp(m, g, 1−β1); u ← max(β2u, |g| + ε); θ ← θ − (γ/bc1)·m/u"))
+    update="m ← lerp(m, g, 1−β1); u ← max(β2u, |g| + ε); θ ← θ − (γ/bc1)·m/u",
+    plan_fields=("clr", "one_minus_beta1", "beta2", "eps", "weight_decay", "maximize?")))
 
 _add(Rule(
     "NAdam", "nadam",
@@ -520,7 +544,9 @@ _add(Rule(
     _plan_nadam, _bytes(3),
     paper="Dozat 2016, Incorporating Nesterov Momentum into Adam",
     update="μ_t = β1(1 − ½·0.96^(tψ)); θ ← θ − γ(1−μ_t)/(1−Π)·g/d − γμ_{t+1}/(1−Πμ_{t+1})·m/d",
-    scalars=(("mu_product", lambda hp: 1.0),), validate_scalars=_nadam_scalars))
+    scalars=(("mu_product", lambda hp: 1.0),), validate_scalars=_nadam_scalars,
+    plan_fields=("grad_coef", "avg_coef", "one_minus_beta1", "beta2", "one_minus_beta2",
+                 "bias_correction2", "eps", "weight_decay", "decay", "maximize?")))
 
 _add(Rule(
     "RAdam", "radam",
@@ -528,7 +554,10 @@ _add(Rule(
     (Buffer("exp_avg"), Buffer("exp_avg_sq")),
     _plan_radam, _bytes(3),
     paper="Liu et al. 2020, On the Variance of the Adaptive Learning Rate and Beyond",
-    update="θ ← θ − γ·(m/bc1)·r·√bc2/(√v + ε) when ρ_t > 5, else θ − γ·m/bc1"))
+    update="θ ← θ − γ·(m/bc1)·r·√bc2/(√v + ε) when ρ_t > 5, else θ − γ·m/bc1",
+    plan_fields=("lr", "bias_correction1", "bias_correction2_sqrt", "rect", "rectified?",
+                 "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay",
+                 "decay", "maximize?")))
 
 _add(Rule(
     "ASGD", "asgd",
@@ -542,7 +571,8 @@ _add(Rule(
     paper="Polyak & Juditsky 1992, Acceleration of Stochastic Approximation by Averaging",
     update="θ ← θ(1 − λη) − ηg; ax ← ax + μ(θ − ax)",
     scalars=(("eta", lambda hp: hp["lr"]), ("mu", lambda hp: 1.0)),
-    validate_scalars=_asgd_scalars))
+    validate_scalars=_asgd_scalars,
+    plan_fields=("eta", "decay", "mu", "weight_decay", "maximize?")))
 
 _add(Rule(
     "Rprop", "rprop",
@@ -553,7 +583,8 @@ _add(Rule(
     (Buffer("prev"), Buffer("step_size", fill=lambda hp: hp["lr"])),
     _plan_rprop, _bytes(3),
     paper="Riedmiller & Braun 1993, RPROP",
-    update="s = sign(g·prev); step ← clamp(step·η±); θ ← θ − sign(g)·step; prev ← g"))
+    update="s = sign(g·prev); step ← clamp(step·η±); θ ← θ − sign(g)·step; prev ← g",
+    plan_fields=("etaminus", "etaplus", "step_size_min", "step_size_max", "maximize?")))
 
 _add(Rule(
     "Lion", "lion",
@@ -562,11 +593,34 @@ _add(Rule(
     _plan_lion, _bytes(2),
     paper="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms",
     update="θ ← θ(1 − γλ); θ ← θ − γ·sign(β1m + (1−β1)g); m ← β2m + (1−β2)g",
-    in_torch=False))
+    in_torch=False,
+    plan_fields=("lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay",
+                 "maximize?")))
 
 
 # The kernels every backend implements, one per distinct Rule.kernel
 KERNELS: tuple[str, ...] = tuple(dict.fromkeys(rule.kernel for rule in RULES.values()))
+
+
+def kernel_rule(kernel: str) -> Rule:
+    """The first rule that runs ``kernel``: rules sharing a kernel share its calling
+    convention (buffer slots and plan fields), which is checked here at import."""
+    rules = [r for r in RULES.values() if r.kernel == kernel]
+    if not rules:
+        raise ValueError(f"unknown kernel {kernel!r}; fastopt has {', '.join(KERNELS)}")
+    return rules[0]
+
+
+for _r in RULES.values():
+    _first = kernel_rule(_r.kernel)
+    if (_r.plan_fields, tuple(b.name for b in _r.buffers)) != \
+            (_first.plan_fields, tuple(b.name for b in _first.buffers)):
+        raise AssertionError(f"{_r.name} and {_first.name} share kernel {_r.kernel!r} "
+                             "but not its buffers and plan fields")
+    if len(_r.buffers) > MAX_BUFFERS:
+        raise AssertionError(f"{_r.name} has {len(_r.buffers)} state buffers; the "
+                             f"kernels' calling convention has {MAX_BUFFERS} slots")
+del _r, _first
 
 
 def get_rule(name: str) -> Rule:

@@ -25,7 +25,8 @@ from numba.cuda.compiler import compile_cuda  # noqa: E402
 for kernel in M.RULES:
     for dt in ("float32", "float64"):
         arr = types.Array(getattr(types, dt), 1, "C")
-        k = M.RULES[kernel][0](tuple([0.5] * 14), getattr(np, dt))
+        plan = M.plan_of(kernel, [0.5] * len(M.PLANS[kernel]._fields))
+        k = M.RULES[kernel][0](plan, getattr(np, dt))
         disp = C.kernel_for(kernel, (True, True, True))
         cres = compile_cuda(disp.py_func, types.void, (arr,) * 5 + (numba.typeof(k),),
                             cc=(9, 0))

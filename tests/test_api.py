@@ -62,9 +62,9 @@ BAD_GRADS = [
     ("float16 grad", lambda opt: np.ones(N, np.float16), TypeError, ["grad", "float16"]),
     ("short grad", lambda opt: np.ones(N - 1, F32), ValueError, ["grad", str(N - 1), str(N)]),
     ("long grad", lambda opt: np.ones(N + 5, F32), ValueError, ["grad", str(N + 5)]),
-    ("0-d grad", lambda opt: np.array(1.0, F32), ValueError, ["grad", "length 1"]),
+    ("0-d grad", lambda opt: np.array(1.0, F32), ValueError, ["grad", "1 elements"]),
     ("2-d grad, wrong size", lambda opt: np.ones((2, N), F32), ValueError,
-     ["grad", f"length {2 * N}"]),
+     ["grad", f"{2 * N} elements"]),
     ("strided 2-d grad", lambda opt: np.ones((1, 2 * N), F32)[:, ::2], ValueError,
      ["grad", "contiguous", f"(1, {N})"]),
     ("Fortran-order 2-d grad", lambda opt: np.ones((2, N), F32, order="F")[:1],
@@ -120,10 +120,14 @@ BAD_PARAMS = [
      ["param", "contiguous", "(2, 3, 4)"]),
     ("Fortran-order 2-d", np.asfortranarray(np.ones((5, 6))), ValueError,
      ["param", "contiguous", "(5, 6)"]),
-    ("list of arrays", [np.ones(3), np.ones(2)], TypeError, ["param", "FlatParams"]),
+    ("list with an int array", [np.ones(3), np.ones(2, np.int32)], TypeError,
+     ["param[1]", "int32"]),
+    ("list with a strided array", [np.ones(3), np.ones(4)[::2]], ValueError,
+     ["param[1]", "contiguous"]),
+    ("empty list", [], ValueError, ["param", "empty"]),
     ("strided", np.ones(10)[::2], ValueError, ["param", "contiguous"]),
     ("None", None, TypeError, ["param", "None"]),
-    ("list", [1.0, 2.0], TypeError, ["param", "list"]),
+    ("list of numbers", [1.0, 2.0], TypeError, ["param[0]", "float"]),
     ("string", "abc", TypeError, ["param", "str"]),
 ]
 
@@ -427,7 +431,7 @@ def test_avx2_and_baseline_builds_give_identical_bits(name):
         scalars = rule.initial_scalars(hp)
         for t, g in enumerate(grads(n, 5, F32), start=1):
             args, scalars = rule.plan(hp, t, scalars, False)
-            getattr(mod, rule.kernel)(p, g, *bufs, *args, 2)
+            mod.Bound(rule.kernel, [p], [bufs], True).step(g, args, 2)
         out.append(p)
     np.testing.assert_array_equal(out[0], out[1])
 
@@ -647,6 +651,5 @@ def test_flush_denormals_and_caller_state(n):
 
 def test_every_backend_has_every_registry_kernel(backend):
     from fastopt.rules import KERNELS
-    assert len(KERNELS) == 11
     for name in KERNELS:
         assert callable(getattr(backend.module, name)), name

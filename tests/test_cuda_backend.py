@@ -143,7 +143,7 @@ def test_absent_buffers_are_never_read(kernel, present):
     empty = cuda.to_device(np.zeros(0, np.float32))
     p = _dev(np.ones(N, np.float32))
     bufs = [_dev(np.zeros(N, np.float32)) if h else empty for h in present]
-    kc = M.RULES[kernel][0](tuple(float(a) for a in args), np.float32)
+    kc = M.RULES[kernel][0](M.plan_of(kernel, args), np.float32)
     k[2, 32](p, _dev(np.full(N, 0.5, np.float32)), *bufs, kc)
     assert (p.copy_to_host() != 1).all()
 

@@ -287,16 +287,16 @@ BAD = {
     # name: (make(n, dtype) -> (param, grad, m, v, vmax), error, message regex)
     "length": (lambda n, dt: (np.ones(n, dt), np.ones(n, dt), np.zeros(n - 2, dt),
                               np.zeros(n, dt), np.zeros(n, dt)),
-               ValueError, r"Adam: exp_avg has length 5, param has length 7"),
+               ValueError, r"exp_avg has 5 elements, param has 7"),
     "grad-length": (lambda n, dt: (np.ones(n, dt), np.ones(n + 1, dt), np.zeros(n, dt),
                                    np.zeros(n, dt), np.zeros(n, dt)),
-                    ValueError, r"Adam: grad has length 8, param has length 7"),
+                    ValueError, r"grad has 8 elements, param has 7"),
     "overlap": (lambda n, dt: (lambda big: (big[:n], np.ones(n, dt), big[n - 1:2 * n - 1],
                                             np.zeros(n, dt), np.zeros(n, dt)))(np.ones(3 * n, dt)),
-                ValueError, r"Adam: exp_avg shares memory with param"),
+                ValueError, r"exp_avg shares memory with param"),
     "same-state": (lambda n, dt: (lambda v: (np.ones(n, dt), np.ones(n, dt), np.zeros(n, dt),
                                              v, v))(np.zeros(n, dt)),
-                   ValueError, r"Adam: max_exp_avg_sq shares memory with exp_avg_sq"),
+                   ValueError, r"max_exp_avg_sq shares memory with exp_avg_sq"),
     "dtype": (lambda n, dt: (np.ones(n, dt), np.ones(n, np.float64 if dt == np.float32
                                                       else np.float32),
                              np.zeros(n, dt), np.zeros(n, dt), np.zeros(n, dt)),
@@ -311,9 +311,6 @@ def test_bad_buffers_leave_everything_unchanged(bad, dtype):
     for backend in [NUMBA] + ([CYTHON] if CYTHON else []):
         arrays = make(7, dtype)
         before = [a.copy() for a in arrays]
-        if backend is CYTHON and bad == "dtype":
-            # Cython's typed memoryviews say "Buffer dtype mismatch" (ValueError)
-            error, message = (TypeError, ValueError), None
         with pytest.raises(error, match=message):
             backend.adam(*arrays, *_adam_args(), 1)
         for a, b in zip(arrays, before):

@@ -143,8 +143,9 @@ def _sign_jit(x):
 @register_jitable
 def sgd_coefs(c, dt):
     # lr, wd, decay, mom, omd, nesterov, first, maximize, use_wd, use_decay
-    return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), dt(c[4]),
-            c[5] != 0, c[6] != 0, c[7] != 0, c[1] != 0, c[2] != 1)
+    return (dt(c.lr), dt(c.weight_decay), dt(c.decay), dt(c.momentum),
+            dt(c.one_minus_dampening), c.nesterov != 0, c.first != 0, c.maximize != 0,
+            c.weight_decay != 0, c.decay != 1)
 
 
 @register_jitable
@@ -166,8 +167,9 @@ def sgd(p, g, b, _a1, _a2, k, has_b, _h1, _h2):
 @register_jitable
 def adam_coefs(c, dt):
     # step_size, omb1, b2, omb2, inv_bc2s, eps, wd, decay, maximize, use_wd, use_decay
-    return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), dt(c[4]), dt(c[5]), dt(c[6]),
-            dt(c[7]), c[8] != 0, c[6] != 0, c[7] != 1)
+    return (dt(c.step_size), dt(c.one_minus_beta1), dt(c.beta2), dt(c.one_minus_beta2),
+            dt(c.inv_bias_correction2_sqrt), dt(c.eps), dt(c.weight_decay), dt(c.decay),
+            c.maximize != 0, c.weight_decay != 0, c.decay != 1)
 
 
 @register_jitable
@@ -191,7 +193,7 @@ def adam(p, g, m, v, vmax, k, _h0, _h1, amsgrad):
 @register_jitable
 def adagrad_coefs(c, dt):
     # clr, eps, wd, maximize, use_wd
-    return (dt(c[0]), dt(c[1]), dt(c[2]), c[3] != 0, c[2] != 0)
+    return (dt(c.clr), dt(c.eps), dt(c.weight_decay), c.maximize != 0, c.weight_decay != 0)
 
 
 @register_jitable
@@ -208,8 +210,8 @@ def adagrad(p, g, s, _a1, _a2, k, _h0, _h1, _h2):
 @register_jitable
 def rmsprop_coefs(c, dt):
     # lr, alpha, oma, eps, wd, mom, maximize, use_wd
-    return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), dt(c[4]), dt(c[5]),
-            c[6] != 0, c[4] != 0)
+    return (dt(c.lr), dt(c.alpha), dt(c.one_minus_alpha), dt(c.eps), dt(c.weight_decay),
+            dt(c.momentum), c.maximize != 0, c.weight_decay != 0)
 
 
 @register_jitable
@@ -235,7 +237,8 @@ def rmsprop(p, g, v, b, ga, k, _h0, has_b, centered):
 @register_jitable
 def adadelta_coefs(c, dt):
     # lr, rho, omr, eps, wd, maximize, use_wd
-    return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), dt(c[4]), c[5] != 0, c[4] != 0)
+    return (dt(c.lr), dt(c.rho), dt(c.one_minus_rho), dt(c.eps), dt(c.weight_decay), c.maximize
+            != 0, c.weight_decay != 0)
 
 
 @register_jitable
@@ -254,7 +257,8 @@ def adadelta(p, g, v, u, _a2, k, _h0, _h1, _h2):
 @register_jitable
 def adamax_coefs(c, dt):
     # clr, omb1, b2, eps, wd, maximize, use_wd
-    return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), dt(c[4]), c[5] != 0, c[4] != 0)
+    return (dt(c.clr), dt(c.one_minus_beta1), dt(c.beta2), dt(c.eps), dt(c.weight_decay),
+            c.maximize != 0, c.weight_decay != 0)
 
 
 @register_jitable
@@ -272,8 +276,9 @@ def adamax(p, g, m, u, _a2, k, _h0, _h1, _h2):
 @register_jitable
 def nadam_coefs(c, dt):
     # gcoef, mcoef, omb1, b2, omb2, bc2, eps, wd, decay, maximize, use_wd, use_decay
-    return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), dt(c[4]), dt(c[5]), dt(c[6]),
-            dt(c[7]), dt(c[8]), c[9] != 0, c[7] != 0, c[8] != 1)
+    return (dt(c.grad_coef), dt(c.avg_coef), dt(c.one_minus_beta1), dt(c.beta2),
+            dt(c.one_minus_beta2), dt(c.bias_correction2), dt(c.eps), dt(c.weight_decay),
+            dt(c.decay), c.maximize != 0, c.weight_decay != 0, c.decay != 1)
 
 
 @register_jitable
@@ -296,8 +301,10 @@ def nadam(p, g, m, v, _a2, k, _h0, _h1, _h2):
 def radam_coefs(c, dt):
     # lr, bc1, bc2s, rect, rectified, omb1, b2, omb2, eps, wd, decay,
     # maximize, use_wd, use_decay
-    return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), c[4] != 0, dt(c[5]), dt(c[6]),
-            dt(c[7]), dt(c[8]), dt(c[9]), dt(c[10]), c[11] != 0, c[9] != 0, c[10] != 1)
+    return (dt(c.lr), dt(c.bias_correction1), dt(c.bias_correction2_sqrt), dt(c.rect),
+            c.rectified != 0, dt(c.one_minus_beta1), dt(c.beta2), dt(c.one_minus_beta2),
+            dt(c.eps), dt(c.weight_decay), dt(c.decay), c.maximize != 0, c.weight_decay != 0,
+            c.decay != 1)
 
 
 @register_jitable
@@ -321,7 +328,8 @@ def radam(p, g, m, v, _a2, k, _h0, _h1, _h2):
 @register_jitable
 def asgd_coefs(c, dt):
     # eta, decay, mu, wd, maximize, use_wd, average
-    return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), c[4] != 0, c[3] != 0, c[2] != 1)
+    return (dt(c.eta), dt(c.decay), dt(c.mu), dt(c.weight_decay), c.maximize != 0,
+            c.weight_decay != 0, c.mu != 1)
 
 
 @register_jitable
@@ -339,7 +347,8 @@ def asgd(p, g, ax, _a1, _a2, k, _h0, _h1, _h2):
 @register_jitable
 def rprop_coefs(c, dt):
     # etaminus, etaplus, smin, smax, one, zero, maximize
-    return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), dt(1), dt(0), c[4] != 0)
+    return (dt(c.etaminus), dt(c.etaplus), dt(c.step_size_min), dt(c.step_size_max), dt(1),
+            dt(0), c.maximize != 0)
 
 
 @register_jitable
@@ -359,8 +368,8 @@ def rprop(p, g, prev, step, _a2, k, _h0, _h1, _h2):
 @register_jitable
 def lion_coefs(c, dt):
     # lr, b1, omb1, b2, omb2, decay, maximize, use_decay
-    return (dt(c[0]), dt(c[1]), dt(c[2]), dt(c[3]), dt(c[4]), dt(c[5]),
-            c[6] != 0, c[5] != 1)
+    return (dt(c.lr), dt(c.beta1), dt(c.one_minus_beta1), dt(c.beta2), dt(c.one_minus_beta2),
+            dt(c.decay), c.maximize != 0, c.decay != 1)
 
 
 @register_jitable
@@ -375,99 +384,34 @@ def lion(p, g, m, _a1, _a2, k, _h0, _h1, _h2):
     return p, m, _a1, _a2
 
 
-# kernel name -> (coefs, element, names of the five arrays for messages,
-# rule name for messages); the order of names is rules.pxi's.
-RULES = {
-    "sgd": (sgd_coefs, sgd, "SGD", ("param", "grad", "momentum_buffer", "", "")),
-    "adam": (adam_coefs, adam, "Adam",
-             ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
-    "adagrad": (adagrad_coefs, adagrad, "Adagrad", ("param", "grad", "sum", "", "")),
-    "rmsprop": (rmsprop_coefs, rmsprop, "RMSprop",
-                ("param", "grad", "square_avg", "momentum_buffer", "grad_avg")),
-    "adadelta": (adadelta_coefs, adadelta, "Adadelta",
-                 ("param", "grad", "square_avg", "acc_delta", "")),
-    "adamax": (adamax_coefs, adamax, "Adamax", ("param", "grad", "exp_avg", "exp_inf", "")),
-    "nadam": (nadam_coefs, nadam, "NAdam", ("param", "grad", "exp_avg", "exp_avg_sq", "")),
-    "radam": (radam_coefs, radam, "RAdam", ("param", "grad", "exp_avg", "exp_avg_sq", "")),
-    "asgd": (asgd_coefs, asgd, "ASGD", ("param", "grad", "ax", "", "")),
-    "rprop": (rprop_coefs, rprop, "Rprop", ("param", "grad", "prev", "step_size", "")),
-    "lion": (lion_coefs, lion, "Lion", ("param", "grad", "exp_avg", "", "")),
-}
+# --------------------------------------------------------------------------
+# The tables, from the registry: kernel name -> (coefs, element, rule name for
+# messages, names of the slots), and one namedtuple class per kernel whose fields
+# are the plan's names (Rule.plan_fields): the backends pass the per-step scalars
+# as one, so the coefs functions above read them by name.
+# --------------------------------------------------------------------------
+
+def _tables():
+    from collections import namedtuple
+
+    from fastopt.rules import KERNELS, kernel_rule
+    rules, plans = {}, {}
+    module = globals()
+    for kernel in KERNELS:
+        rule = kernel_rule(kernel)
+        name = f"{kernel.capitalize()}Plan"
+        cls = namedtuple(name, [f.rstrip("?") for f in rule.plan_fields])
+        cls.__module__ = __name__  # picklable by reference: Numba's disk cache keys on it
+        module[name] = plans[kernel] = cls
+        rules[kernel] = (module[f"{kernel}_coefs"], module[kernel], rule.name,
+                         ("param", "grad") + tuple(b.name for b in rule.buffers))
+    return rules, plans
 
 
-def entry_points(run):
-    """The kernels with rules.pxi's signatures, each packing its per-step scalars
-    into one tuple of floats (one compiled signature per dtype, whatever mix of
-    ints, bools and floats the caller passes) and calling
-    ``run(kernel, param, grad, s0, s1, s2, c, nthreads)``."""
+RULES, PLANS = _tables()
 
-    def sgd(param, grad, momentum_buffer, lr, weight_decay, decay, momentum,
-            one_minus_dampening, nesterov, first, maximize, nthreads):
-        c = (float(lr), float(weight_decay), float(decay), float(momentum),
-             float(one_minus_dampening), float(nesterov), float(first), float(maximize))
-        run("sgd", param, grad, momentum_buffer, None, None, c, nthreads)
 
-    def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step_size, one_minus_beta1,
-             beta2, one_minus_beta2, inv_bias_correction2_sqrt, eps, weight_decay, decay,
-             maximize, nthreads):
-        c = (float(step_size), float(one_minus_beta1), float(beta2), float(one_minus_beta2),
-             float(inv_bias_correction2_sqrt), float(eps), float(weight_decay), float(decay),
-             float(maximize))
-        run("adam", param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, c, nthreads)
-
-    def adagrad(param, grad, sum, clr, eps, weight_decay, maximize, nthreads):
-        c = (float(clr), float(eps), float(weight_decay), float(maximize))
-        run("adagrad", param, grad, sum, None, None, c, nthreads)
-
-    def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha,
-                one_minus_alpha, eps, weight_decay, momentum, maximize, nthreads):
-        c = (float(lr), float(alpha), float(one_minus_alpha), float(eps), float(weight_decay),
-             float(momentum), float(maximize))
-        run("rmsprop", param, grad, square_avg, momentum_buffer, grad_avg, c, nthreads)
-
-    def adadelta(param, grad, square_avg, acc_delta, lr, rho, one_minus_rho, eps,
-                 weight_decay, maximize, nthreads):
-        c = (float(lr), float(rho), float(one_minus_rho), float(eps), float(weight_decay),
-             float(maximize))
-        run("adadelta", param, grad, square_avg, acc_delta, None, c, nthreads)
-
-    def adamax(param, grad, exp_avg, exp_inf, clr, one_minus_beta1, beta2, eps,
-               weight_decay, maximize, nthreads):
-        c = (float(clr), float(one_minus_beta1), float(beta2), float(eps),
-             float(weight_decay), float(maximize))
-        run("adamax", param, grad, exp_avg, exp_inf, None, c, nthreads)
-
-    def nadam(param, grad, exp_avg, exp_avg_sq, grad_coef, avg_coef, one_minus_beta1, beta2,
-              one_minus_beta2, bias_correction2, eps, weight_decay, decay, maximize, nthreads):
-        c = (float(grad_coef), float(avg_coef), float(one_minus_beta1), float(beta2),
-             float(one_minus_beta2), float(bias_correction2), float(eps), float(weight_decay),
-             float(decay), float(maximize))
-        run("nadam", param, grad, exp_avg, exp_avg_sq, None, c, nthreads)
-
-    def radam(param, grad, exp_avg, exp_avg_sq, lr, bias_correction1, bias_correction2_sqrt,
-              rect, rectified, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-              decay, maximize, nthreads):
-        c = (float(lr), float(bias_correction1), float(bias_correction2_sqrt), float(rect),
-             float(rectified), float(one_minus_beta1), float(beta2), float(one_minus_beta2),
-             float(eps), float(weight_decay), float(decay), float(maximize))
-        run("radam", param, grad, exp_avg, exp_avg_sq, None, c, nthreads)
-
-    def asgd(param, grad, ax, eta, decay, mu, weight_decay, maximize, nthreads):
-        c = (float(eta), float(decay), float(mu), float(weight_decay), float(maximize))
-        run("asgd", param, grad, ax, None, None, c, nthreads)
-
-    def rprop(param, grad, prev, step_size, etaminus, etaplus, step_size_min, step_size_max,
-              maximize, nthreads):
-        c = (float(etaminus), float(etaplus), float(step_size_min), float(step_size_max),
-             float(maximize))
-        run("rprop", param, grad, prev, step_size, None, c, nthreads)
-
-    def lion(param, grad, exp_avg, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay,
-             maximize, nthreads):
-        c = (float(lr), float(beta1), float(one_minus_beta1), float(beta2),
-             float(one_minus_beta2), float(decay), float(maximize))
-        run("lion", param, grad, exp_avg, None, None, c, nthreads)
-
-    return {"sgd": sgd, "adam": adam, "adagrad": adagrad, "rmsprop": rmsprop,
-            "adadelta": adadelta, "adamax": adamax, "nadam": nadam, "radam": radam,
-            "asgd": asgd, "rprop": rprop, "lion": lion}
+def plan_of(kernel, args):
+    """The per-step scalars as the kernel's plan namedtuple of floats (one compiled
+    signature per dtype, whatever mix of ints, bools and floats the plan returns)."""
+    return PLANS[kernel](*[float(a) for a in args])

@@ -5,12 +5,18 @@ Two builds of the same kernels exist on x86-64: ``_avx2`` (AVX2/FMA) and
 is imported only when the answer is yes. ``FASTOPT_ISA=baseline`` forces the
 baseline build (for testing that both agree). Both give bitwise identical results:
 the kernels are compiled without FMA contraction.
+
+Every call goes through the segment engine (``fastopt/kernels/engine.pxi``):
+``bind_many`` binds a list of arrays, ``bind`` one array, ``run_segments`` takes raw
+addresses, and the per-kernel entry points (``adam(param, grad, ...)``) bind one
+array and step it once.
 """
 
+import functools
 import os
 
 from fastopt.backends._host import as_array, copy_from_host, full, to_host  # noqa: F401
-from fastopt.rules import KERNELS
+from fastopt.rules import KERNELS, kernel_rule
 from fastopt.kernels import _baseline
 
 _mod = _baseline
@@ -25,17 +31,9 @@ ISA = _mod.ISA
 HAVE_OPENMP = _mod.HAVE_OPENMP
 module = _mod
 
-# one kernel per registry name: sgd, adam, ... (fastopt.rules.KERNELS)
-globals().update({name: getattr(_mod, name) for name in KERNELS})
-
-
-# L-BFGS's passes (fastopt/kernels/lbfgs.pxi), used by fastopt.lbfgs
-LBFGS_KERNELS = ("lbfgs_blocks", "lbfgs_copy", "lbfgs_curvature", "lbfgs_move",
-                 "lbfgs_direction")
-globals().update({name: getattr(_mod, name) for name in LBFGS_KERNELS})
-
 set_flush_denormals = _mod.set_flush_denormals
 get_flush_denormals = _mod.get_flush_denormals
+run_segments = _mod.run_segments
 
 
 def max_threads():
@@ -43,6 +41,29 @@ def max_threads():
 
 
 def bind(kernel, param, buffers):
-    """The optimizer classes' fast path: param and state acquired once;
-    ``step(grad, args, nthreads)`` per call."""
-    return _mod.Bound(kernel, param, buffers)
+    """One array and its state: ``step(grad, args, nthreads)`` per call."""
+    return _mod.Bound(kernel, [param], [tuple(buffers)], True)
+
+
+def bind_many(kernel, params, buffers, labels=None):
+    """Arrays of one dtype and their state (one tuple per array), one call per step:
+    ``step(grads, args, nthreads)`` with one gradient per array (``labels``: the
+    arrays' indices in messages)."""
+    return _mod.Bound(kernel, params, [tuple(b) for b in buffers], False, labels)
+
+
+def _call(kernel, nbuf, param, grad, *rest):
+    """``kernel(param, grad, *buffers, *plan_args, nthreads)``: one step."""
+    buffers, args, nthreads = rest[:nbuf], rest[nbuf:-1], rest[-1]
+    bind(kernel, param, buffers).step(grad, tuple(args), nthreads)
+
+
+# one entry per registry kernel: sgd, adam, ... (fastopt.rules.KERNELS)
+globals().update({k: functools.partial(_call, k, len(kernel_rule(k).buffers))
+                  for k in KERNELS})
+
+
+# L-BFGS's passes (fastopt/kernels/lbfgs.pxi), used by fastopt.lbfgs
+LBFGS_KERNELS = ("lbfgs_blocks", "lbfgs_copy", "lbfgs_curvature", "lbfgs_move",
+                 "lbfgs_direction")
+globals().update({name: getattr(_mod, name) for name in LBFGS_KERNELS})

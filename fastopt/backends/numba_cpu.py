@@ -1,209 +1,386 @@
 """The Numba CPU backend: the fallback when the compiled kernels cannot load.
 
-Same kernels, same call (``kernel(param, grad, *buffers, *plan_args, nthreads)``),
-same results as the compiled backend, bit for bit: the per-element math is
-``_numba_math`` (a transcription of ``kernels/rules.pxi``), float32 buffers are
-computed in float32, and nothing is compiled with fastmath.
+Same engine, same results as the compiled backend, bit for bit: the per-element
+math is ``_numba_math`` (a transcription of ``kernels/rules.pxi``), float32 buffers
+are computed in float32, and nothing is compiled with fastmath.
 
-Each kernel is a Python wrapper that checks the arrays' types and then makes one
-call into compiled code, which checks lengths and overlap before it writes
-anything and returns an error code the wrapper turns into the message the
-compiled backend gives. Small buffers (< ``PARALLEL_MIN`` elements) or
-``nthreads == 1`` take a serial loop; otherwise the buffer is split into one
-contiguous chunk per thread, as rules.pxi does. Everything is compiled lazily,
-per rule and dtype, with ``cache=True`` so a second process loads it from disk.
+A call runs over segments, as ``kernels/engine.pxi`` does: a table of addresses (one
+row per segment: param, grad, state buffers) and lengths. Compiled code turns each
+row into arrays (``numba.carray`` over the address), and the parallel driver cuts
+the concatenated element range into one part per thread at multiples of 16
+elements within a segment, exactly as the compiled engine. Below ``PARALLEL_MIN``
+elements or with one thread, a serial loop. Loops are compiled lazily per kernel,
+dtype and set of present buffers (a constant of the loop, so an absent buffer is
+never touched), with ``cache=True`` so a second process loads them from disk.
+
+The checks are Python's, before the compiled call: types, lengths, and overlap (no
+written buffer may share memory with another buffer of the call).
 """
+
+import bisect
 
 import numba
 import numpy as np
-from numba import njit, prange
-from numba.extending import register_jitable
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, register_jitable
 
 from fastopt.backends import _numba_math as M
+from fastopt.backends._host import as_array, copy_from_host, full, to_host  # noqa: F401
 from fastopt.backends._numba_lbfgs import (lbfgs_blocks, lbfgs_copy,  # noqa: F401
                                            lbfgs_curvature, lbfgs_direction, lbfgs_move)
 from fastopt.rules import KERNELS
-from fastopt.backends._host import as_array, copy_from_host, full, to_host  # noqa: F401
 
 NAME = "numba"
 
-# Below this many elements a call runs on the calling thread (as rules.pxi).
+# Below this many elements a call runs on the calling thread (as engine.pxi).
 PARALLEL_MIN = 32768
+ALIGN = 16
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_NSLOT = 5  # param, grad, three state buffers
 
 
 def max_threads():
     return numba.config.NUMBA_NUM_THREADS
 
 
+@intrinsic
+def _address(typingctx, addr):
+    """An integer address as a void pointer, for numba.carray."""
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+    return types.voidptr(addr), codegen
+
+
 # --------------------------------------------------------------------------
-# Checks done in compiled code, before anything is written: the lengths, then
-# overlap between any two buffers (as rules.pxi's _launch). 0 means fine;
-# otherwise a code that _raise() decodes. An absent buffer is None: Numba
-# compiles one version per pattern of absent buffers and drops their code.
+# The loops: one set per (kernel, dtype, present buffers).
 # --------------------------------------------------------------------------
 
 @register_jitable
-def _len(a):
-    if a is None:
-        return -1
-    return a.shape[0]
+def _find(starts, nseg, x):
+    lo, hi = 0, nseg - 1
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if starts[mid] <= x:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @register_jitable
-def _addr(a):
-    # 0 (NULL) for an absent or empty buffer: it overlaps nothing
-    if a is None:
-        return np.uint64(0)
-    if a.shape[0] == 0:
-        return np.uint64(0)
-    return np.uint64(a.ctypes.data)
+def _cut(starts, nseg, x, align):
+    total = starts[nseg]
+    if x >= total:
+        return total
+    s = _find(starts, nseg, x)
+    local = x - starts[s]
+    n = starts[s + 1] - starts[s]
+    local = (local + align - 1) // align * align
+    return starts[s] + min(local, n)
 
 
-@register_jitable
-def _check(p, g, s0, s1, s2):
-    n = p.shape[0]
-    lens = (_len(g), _len(s0), _len(s1), _len(s2))
-    for k in range(4):
-        if lens[k] >= 0 and lens[k] != n:
-            return 1 + k
-    if n == 0:
-        return 0
-    nbytes = np.uint64(n * p.itemsize)
-    ptrs = (_addr(p), _addr(g), _addr(s0), _addr(s1), _addr(s2))
-    for k in range(5):
-        for j in range(k + 1, 5):
-            a, b = ptrs[k], ptrs[j]
-            if a != 0 and b != 0 and a < b + nbytes and b < a + nbytes:
-                return 10 + 5 * k + j
-    return 0
-
-
-# --------------------------------------------------------------------------
-# The loops, generated once per rule from its _numba_math pair: a chunk
-# [lo, hi) that calls the element function, a serial driver and a parallel one
-# (one chunk per thread, aligned to 16 elements, as rules.pxi's _run).
-# The chunk bounds are unsigned so that Numba emits no negative-index
-# wraparound, which would stop LLVM from vectorising the loop; the `is None`
-# tests are resolved at compile time.
-# --------------------------------------------------------------------------
-
-def _loops(coefs, element):
+def _loops(coefs, element, dtype, h0, h1, h2):
     digest = M.SOURCE_DIGEST  # in the closure, hence in the cache key (see _numba_math)
+    dt = np.dtype(dtype).type
 
     @register_jitable
-    def chunk(p, g, s0, s1, s2, c, lo, hi):
-        k = coefs(c, p.dtype.type)
-        zero = p.dtype.type(0)  # stands for an absent buffer's element
-        for i in range(lo, hi):
-            a0 = zero if s0 is None else s0[i]
-            a1 = zero if s1 is None else s1[i]
-            a2 = zero if s2 is None else s2[i]
-            pi, a0, a1, a2 = element(p[i], g[i], a0, a1, a2, k,
-                                     s0 is not None, s1 is not None, s2 is not None)
+    def chunk(P, s, n, k, lo, hi):
+        p = numba.carray(_address(P[s, 0]), n, dt)
+        g = numba.carray(_address(P[s, 1]), n, dt)
+        # an absent buffer's stand-in is p; h0..h2 are constants, so it is never used
+        s0 = numba.carray(_address(P[s, 2 if h0 else 0]), n, dt)
+        s1 = numba.carray(_address(P[s, 3 if h1 else 0]), n, dt)
+        s2 = numba.carray(_address(P[s, 4 if h2 else 0]), n, dt)
+        for i in range(np.uint64(lo), np.uint64(hi)):
+            pi = p[i]
+            a0 = s0[i] if h0 else pi
+            a1 = s1[i] if h1 else pi
+            a2 = s2[i] if h2 else pi
+            pi, a0, a1, a2 = element(pi, g[i], a0, a1, a2, k, h0, h1, h2)
             p[i] = pi
-            if s0 is not None:
+            if h0:
                 s0[i] = a0
-            if s1 is not None:
+            if h1:
                 s1[i] = a1
-            if s2 is not None:
+            if h2:
                 s2[i] = a2
 
+    @register_jitable
+    def part(P, starts, nseg, k, lo, hi):
+        if lo >= hi:
+            return
+        s = _find(starts, nseg, lo)
+        while lo < hi and s < nseg:
+            end = min(starts[s + 1], hi)
+            if end > lo:
+                chunk(P, s, starts[s + 1] - starts[s], k, lo - starts[s], end - starts[s])
+                lo = end
+            s += 1
+
     @njit(cache=True, nogil=True, error_model="numpy")
-    def serial(p, g, s0, s1, s2, c):
+    def serial(P, starts, c):
         digest  # noqa: B018 (kept in the closure on purpose)
-        err = _check(p, g, s0, s1, s2)
-        if err == 0:
-            chunk(p, g, s0, s1, s2, c, np.uint64(0), np.uint64(p.shape[0]))
-        return err
+        k = coefs(c, dt)
+        nseg = P.shape[0]
+        for s in range(nseg):
+            n = starts[s + 1] - starts[s]
+            if n > 0:
+                chunk(P, s, n, k, 0, n)
 
     @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-    def parallel(p, g, s0, s1, s2, c, nthreads):
+    def parallel(P, starts, c, nthreads):
         digest  # noqa: B018 (kept in the closure on purpose)
-        err = _check(p, g, s0, s1, s2)
-        if err != 0:
-            return err
-        n = p.shape[0]
-        size = ((n + nthreads - 1) // nthreads + 15) // 16 * 16
-        nchunks = (n + size - 1) // size
-        for j in prange(nchunks):
-            lo = j * size
-            hi = min(lo + size, n)
-            chunk(p, g, s0, s1, s2, c, np.uint64(lo), np.uint64(hi))
-        return 0
+        k = coefs(c, dt)
+        nseg = P.shape[0]
+        total = starts[nseg]
+        per = ((total + nthreads - 1) // nthreads + ALIGN - 1) // ALIGN * ALIGN
+        nparts = (total + per - 1) // per
+        for j in prange(nparts):
+            part(P, starts, nseg, k, _cut(starts, nseg, j * per, ALIGN),
+                 _cut(starts, nseg, (j + 1) * per, ALIGN))
 
     return serial, parallel
 
 
-_LOOPS = {kernel: _loops(coefs, element)
-          for kernel, (coefs, element, _, _) in M.RULES.items()}
+_LOOPS: dict = {}
 
 
-# --------------------------------------------------------------------------
-# The Python side of a call: type checks, then one compiled call.
-# --------------------------------------------------------------------------
-
-def _array(name, rule, x, writable):
-    if type(x) is not np.ndarray:
-        if x is None:
-            raise TypeError(f"{rule}: {name} must be an array, got None")
-        try:
-            x = as_array(x)
-        except TypeError:
-            raise TypeError(f"{rule}: {name} must be an array, got {type(x).__name__}") from None
-    if x.ndim != 1 or not x.flags.c_contiguous:
-        raise ValueError(f"{rule}: {name} must be a C-contiguous 1-D array, "
-                         f"got shape {x.shape} with strides {x.strides}")
-    if writable and not x.flags.writeable:
-        raise ValueError(f"{rule}: {name} is read-only")
-    return x
+def _loops_for(kernel, dtype, present):
+    key = (kernel, dtype, present)
+    loops = _LOOPS.get(key)
+    if loops is None:
+        coefs, element, _, _ = M.RULES[kernel]
+        loops = _LOOPS[key] = _loops(coefs, element, dtype, *present)
+    return loops
 
 
-def _raise(err, rule, names, arrays):
-    if err < 10:
-        k = err  # 1..4: grad, s0, s1, s2
-        raise ValueError(f"{rule}: {names[k]} has length {arrays[k].shape[0]}, "
-                         f"param has length {arrays[0].shape[0]}")
-    k, j = divmod(err - 10, 5)
-    raise ValueError(f"{rule}: {names[j]} shares memory with {names[k]}; "
-                     "every buffer must be distinct")
-
-
-def _run(kernel, param, grad, s0, s1, s2, c, nthreads):
-    _, _, rule, names = M.RULES[kernel]
-    p = _array("param", rule, param, True)
-    dt = p.dtype
-    if dt not in _DTYPES:
-        raise TypeError(f"{rule}: param must be float32 or float64, got {dt}")
-    g = _array("grad", rule, grad, False)
-    if g.dtype != dt:
-        raise TypeError(f"{rule}: grad has dtype {g.dtype}, param has dtype {dt}")
-    bufs = [s0, s1, s2]
-    for k, s in enumerate(bufs):
-        if s is not None:
-            s = bufs[k] = _array(names[2 + k], rule, s, True)
-            if s.dtype != dt:
-                raise TypeError(f"{rule}: {names[2 + k]} has dtype {s.dtype}, "
-                                f"param has dtype {dt}")
-    s0, s1, s2 = bufs
-    serial, parallel = _LOOPS[kernel]
+def _execute(kernel, dtype, present, P, starts, args, nthreads):
+    serial, parallel = _loops_for(kernel, dtype, present)
+    c = M.plan_of(kernel, args)
     nthreads = int(nthreads)
-    if nthreads <= 1 or p.shape[0] < PARALLEL_MIN:
-        err = serial(p, g, s0, s1, s2, c)
-    else:
-        nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
-        if numba.get_num_threads() != nthreads:
-            numba.set_num_threads(nthreads)
-        err = parallel(p, g, s0, s1, s2, c, nthreads)
-    if err:
-        _raise(err, rule, names, (p, g, s0, s1, s2))
+    if nthreads <= 1 or starts[-1] < PARALLEL_MIN:
+        serial(P, starts, c)
+        return
+    nthreads = min(nthreads, numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != nthreads:
+        numba.set_num_threads(nthreads)
+    parallel(P, starts, c, nthreads)
 
 
 # --------------------------------------------------------------------------
-# Entry points, with rules.pxi's signatures.
+# Checks: written buffers' byte ranges, sorted; a gradient is found among them by
+# bisection.
 # --------------------------------------------------------------------------
 
-# one kernel per registry name: sgd, adam, ... (fastopt.rules.KERNELS)
-_entry = M.entry_points(_run)
-globals().update({name: _entry[name] for name in KERNELS})
+def _label(names, slot, seg, single, labels):
+    if single:
+        return names[slot]
+    return f"{names[slot]}[{seg if labels is None else labels[seg]}]"
+
+
+def _clash_message(a, b):
+    return (f"{a} shares memory with {b}; every buffer that is written must be distinct "
+            "(pass a copy)")
+
+
+def _sorted_written(ranges):
+    """``ranges``: (lo, order, hi, label) of written buffers, ``order`` = segment * 5
+    + slot (ties broken as the compiled engine does); sorted (lo, hi, label), or
+    ValueError."""
+    ranges = sorted(r for r in ranges if r[2] > r[0])
+    for (alo, _, ahi, na), (blo, _, bhi, nb) in zip(ranges, ranges[1:]):
+        if blo < ahi:
+            raise ValueError(_clash_message(nb, na))
+    return [(lo, hi, label) for lo, _, hi, label in ranges]
+
+
+def _check_read(written, starts, lo, hi, label):
+    k = bisect.bisect_left(starts, hi) - 1
+    if k >= 0 and hi > lo and written[k][1] > lo:
+        raise ValueError(_clash_message(label, written[k][2]))
+
+
+class Bound:
+    """Arrays of one dtype and their state, bound once (as the compiled Bound):
+    ``step(grads, args, nthreads)``, or ``prepare(grads)`` then ``run(args,
+    nthreads)``. ``grads`` is one array (``single``) or one per param."""
+
+    __slots__ = ("kernel", "names", "dtype", "present", "P", "starts", "sizes", "single",
+                 "labels", "written", "wstarts", "arrays", "ready")
+
+    def __init__(self, kernel, params, buffers, single=False, labels=None):
+        _, _, rule, names = M.RULES[kernel]
+        nbuf = len(names) - 2
+        params, buffers = list(params), [tuple(b) for b in buffers]
+        if len(params) == 0 or len(buffers) != len(params):
+            raise ValueError(f"{len(params)} params and {len(buffers)} buffer tuples")
+        self.kernel, self.names, self.single, self.labels = kernel, names, single, labels
+        lab = lambda slot, s: _label(names, slot, s, single, labels)  # noqa: E731
+        first = params[0]
+        if not isinstance(first, np.ndarray) or first.dtype not in _DTYPES:
+            raise TypeError(f"{lab(0, 0)} must be a float32 or float64 NumPy array, got "
+                            f"{type(first).__name__}")
+        dt = self.dtype = first.dtype
+        P = np.zeros((len(params), _NSLOT), dtype=np.uint64)
+        sizes, ranges, arrays, present = [], [], [], None
+        for s, (p, bufs) in enumerate(zip(params, buffers)):
+            bufs = bufs + (None,) * (nbuf - len(bufs))
+            pattern = tuple(b is not None for b in bufs) + (False,) * (3 - nbuf)
+            if present is None:
+                present = pattern
+            elif pattern != present:
+                raise ValueError(f"param {s} has state buffers {pattern}, param 0 has "
+                                 f"{present}; one call needs one set")
+            for slot, a in ((0, p),) + tuple((2 + j, b) for j, b in enumerate(bufs)):
+                if a is None:
+                    continue
+                if not isinstance(a, np.ndarray):
+                    raise TypeError(f"{lab(slot, s)} must be a NumPy array, got "
+                                    f"{type(a).__name__}")
+                if a.dtype != dt:
+                    raise TypeError(f"{lab(slot, s)} has dtype {a.dtype}, {lab(0, 0)} has "
+                                    f"dtype {dt}; they must match")
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"{lab(slot, s)} must be C-contiguous")
+                if not a.flags.writeable:
+                    raise ValueError(f"{lab(slot, s)} is read-only; fastopt updates it in "
+                                     "place")
+                if slot == 0:
+                    sizes.append(a.size)
+                elif a.size != sizes[s]:
+                    raise ValueError(f"{lab(slot, s)} has {a.size} elements, {lab(0, s)} "
+                                     f"has {sizes[s]}")
+                addr = a.__array_interface__["data"][0]
+                P[s, slot] = addr
+                ranges.append((addr, s * _NSLOT + slot, addr + a.size * dt.itemsize,
+                               lab(slot, s)))
+                arrays.append(a)
+        self.present = present
+        self.written = _sorted_written(ranges)
+        self.wstarts = [r[0] for r in self.written]
+        self.P, self.sizes, self.arrays = P, sizes, arrays
+        self.starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        self.ready = False
+
+    def _take(self, g, s):
+        label = _label(self.names, 1, s, self.single, self.labels)
+        if not isinstance(g, np.ndarray):
+            raise TypeError(f"{label} must be a NumPy array, got {type(g).__name__}")
+        if g.dtype != self.dtype:
+            raise TypeError(f"{label} has dtype {g.dtype}, "
+                            f"{_label(self.names, 0, s, self.single, self.labels)} has dtype "
+                            f"{self.dtype}")
+        if not g.flags.c_contiguous:
+            raise ValueError(f"{label} must be C-contiguous, got strides {g.strides}")
+        if g.size != self.sizes[s]:
+            raise ValueError(f"{label} has {g.size} elements, "
+                             f"{_label(self.names, 0, s, self.single, self.labels)} has "
+                             f"{self.sizes[s]}")
+        addr = g.__array_interface__["data"][0]
+        _check_read(self.written, self.wstarts, addr, addr + g.size * self.dtype.itemsize,
+                    label)
+        self.P[s, 1] = addr
+
+    def prepare(self, grads):
+        self.ready = False
+        if self.single:
+            self._take(grads, 0)
+        else:
+            if not isinstance(grads, (list, tuple)):
+                raise TypeError(f"grad must be a list of {len(self.sizes)} arrays (one per "
+                                f"param), got {type(grads).__name__}")
+            if len(grads) != len(self.sizes):
+                raise ValueError(f"grad has {len(grads)} arrays, param has "
+                                 f"{len(self.sizes)}")
+            for s, g in enumerate(grads):
+                self._take(g, s)
+        self.ready = True
+
+    def run(self, args, nthreads):
+        if not self.ready:
+            raise RuntimeError("run() without a successful prepare()")
+        self.ready = False
+        _execute(self.kernel, self.dtype, self.present, self.P, self.starts, args, nthreads)
+
+    def step(self, grads, args, nthreads):
+        self.prepare(grads)
+        self.run(args, nthreads)
+
+
+def bind(kernel, param, buffers):
+    return Bound(kernel, [param], [tuple(buffers)], True)
+
+
+def bind_many(kernel, params, buffers, labels=None):
+    return Bound(kernel, params, buffers, False, labels)
+
+
+def run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check=True):
+    """The compiled backend's ``run_segments``: addresses the caller holds alive."""
+    _, _, rule, names = M.RULES[kernel]
+    dtype = np.dtype(dtype)
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    ptrs = np.asarray(ptrs)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    nseg = ptrs.shape[0]
+    if ptrs.ndim != 2 or ptrs.shape[1] != len(names):
+        raise ValueError(f"ptrs must have {len(names)} columns ({', '.join(names)}), got "
+                         f"shape {ptrs.shape}")
+    if lengths.shape != (nseg,):
+        raise ValueError(f"lengths has {lengths.shape[0]} entries, ptrs has {nseg} rows")
+    if nseg == 0:
+        return
+    if (lengths < 0).any():
+        raise ValueError(f"lengths[{int(np.argmax(lengths < 0))}] is negative")
+    live = lengths > 0
+    P = np.zeros((nseg, _NSLOT), dtype=np.uint64)
+    P[:, :ptrs.shape[1]] = ptrs
+    present = []
+    for slot in range(2, _NSLOT):
+        col = P[live, slot] != 0
+        if col.any() != col.all():
+            raise ValueError(f"{names[slot]} is present in some segments and absent in "
+                             "others")
+        present.append(bool(col.all()) if live.any() else False)
+    for slot in (0, 1):
+        if (P[live, slot] == 0).any():
+            raise ValueError(f"{names[slot]} has a null pointer")
+    if check:
+        ranges, reads = [], []
+        for s in np.nonzero(live)[0]:
+            nbytes = int(lengths[s]) * dtype.itemsize
+            for slot in range(len(names)):
+                lo = int(P[s, slot])
+                if lo:
+                    if slot == 1:
+                        reads.append((lo, lo + nbytes, f"{names[slot]}[{s}]"))
+                    else:
+                        ranges.append((lo, s * _NSLOT + slot, lo + nbytes,
+                                       f"{names[slot]}[{s}]"))
+        written = _sorted_written(ranges)
+        wstarts = [r[0] for r in written]
+        for lo, hi, label in reads:
+            _check_read(written, wstarts, lo, hi, label)
+    starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    _execute(kernel, dtype, tuple(present), P, starts, tuple(args), nthreads)
+
+
+def _call(kernel, nbuf, param, grad, *rest):
+    """``kernel(param, grad, *buffers, *plan_args, nthreads)``: one step."""
+    buffers, args, nthreads = rest[:nbuf], rest[nbuf:-1], rest[-1]
+    bind(kernel, param, buffers).step(grad, tuple(args), nthreads)
+
+
+def _entry(kernel):
+    nbuf = len(M.RULES[kernel][3]) - 2
+    return lambda param, grad, *rest: _call(kernel, nbuf, param, grad, *rest)
+
+
+# one entry per registry kernel: sgd, adam, ... (fastopt.rules.KERNELS)
+globals().update({k: _entry(k) for k in KERNELS})

@@ -391,7 +391,8 @@ class Bound:
     nthreads)`` checks ``grad`` (type, dtype, length, device, overlap) and
     launches; nothing is written when the check fails."""
 
-    __slots__ = ("rule", "names", "n", "dtype", "device", "coefs", "arrays", "ranges",
+    __slots__ = ("kernel", "rule", "names", "n", "dtype", "device", "coefs", "arrays",
+                 "ranges",
                  "grid", "block", "dispatcher", "direct", "argtypes", "multi_gpu",
                  "torch_stream",
                  "g_obj", "g_key", "g_dev", "g_type", "g_stream")
@@ -399,7 +400,7 @@ class Bound:
     def __init__(self, kernel, param, buffers):
         coefs, _, rule, names = M.RULES[kernel]
         buffers = tuple(buffers) + (None,) * (3 - len(buffers))
-        self.rule, self.names, self.coefs = rule, names, coefs
+        self.kernel, self.rule, self.names, self.coefs = kernel, rule, names, coefs
         p, pptr, n, dt, _ = _describe(rule, names[0], param, True)
         if dt not in _DTYPES:
             raise TypeError(f"{rule}: param must be float32 or float64, got {dt}")
@@ -412,8 +413,8 @@ class Bound:
                 raise TypeError(f"{rule}: {names[2 + k]} has dtype {info[3]}, "
                                 f"param has dtype {dt}")
             if info[2] != n:
-                raise ValueError(f"{rule}: {names[2 + k]} has length {info[2]}, "
-                                 f"param has length {n}")
+                raise ValueError(f"{rule}: {names[2 + k]} has {info[2]} elements, "
+                                 f"param has {n}")
         dev = _device_of(p, pptr) if n else 0
         for k, info in enumerate(infos):
             if info is not None and n:
@@ -493,7 +494,7 @@ class Bound:
         if dt != self.dtype:
             raise TypeError(f"{rule}: grad has dtype {dt}, param has dtype {self.dtype}")
         if n != self.n:
-            raise ValueError(f"{rule}: grad has length {n}, param has length {self.n}")
+            raise ValueError(f"{rule}: grad has {n} elements, param has {self.n}")
         if n == 0:
             return
         d = _device_of(grad, ptr)
@@ -508,7 +509,11 @@ class Bound:
 
     # -- the step ---------------------------------------------------------------
     def step(self, grad, args, nthreads):
-        self.step_c(grad, tuple([float(a) for a in args]))
+        self.step_c(grad, M.plan_of(self.kernel, args))
+
+    def check_grad(self, grad):
+        """Check ``grad`` as ``step`` would, writing nothing (bind_many's prepare)."""
+        self._grad(grad)
 
     def step_c(self, grad, c):
         g, stream = self._grad(grad)
@@ -582,14 +587,17 @@ def bind(kernel, param, buffers):
     return Bound(kernel, param, buffers)
 
 
-def _run(kernel, param, grad, s0, s1, s2, c, nthreads):
-    Bound(kernel, param, (s0, s1, s2)).step_c(grad, c)
+def _call(kernel, nbuf, param, grad, *rest):
+    """``kernel(param, grad, *buffers, *plan_args, nthreads)``: bind and step once
+    (nthreads is accepted and ignored)."""
+    buffers, args = rest[:nbuf], rest[nbuf:-1]
+    Bound(kernel, param, buffers).step_c(grad, M.plan_of(kernel, args))
 
 
-# --------------------------------------------------------------------------
-# Entry points, with rules.pxi's signatures (nthreads is accepted and ignored).
-# --------------------------------------------------------------------------
+def _entry(kernel):
+    nbuf = len(M.RULES[kernel][3]) - 2
+    return lambda param, grad, *rest: _call(kernel, nbuf, param, grad, *rest)
 
-# one kernel per registry name: sgd, adam, ... (fastopt.rules.KERNELS)
-_entry = M.entry_points(_run)
-globals().update({name: _entry[name] for name in KERNELS})
+
+# one entry per registry kernel: sgd, adam, ... (fastopt.rules.KERNELS)
+globals().update({k: _entry(k) for k in KERNELS})
