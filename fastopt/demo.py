@@ -1,5 +1,5 @@
-"""``fastopt demo``: the optimizer-trajectory figure of the CS231n notes (seed 000),
-made by fastopt's own rules.
+"""``fastopt demo``: the optimizer-trajectory figure of Stanford's CS231n notes
+(the section on parameter updates), made by fastopt's own rules.
 
 Every rule starts from the same point on three classic 2-D surfaces and takes the
 same number of steps; each path is one coloured line on the surface's contour plot.

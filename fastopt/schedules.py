@@ -12,7 +12,7 @@ resumed checkpoint passes its ``step_count``). torch's schedulers update the rat
 recursively (``lr ← lr·γ`` each epoch), which drifts from the closed form by a few ulps
 over thousands of steps; the values here equal torch's ``_get_closed_form_lr``.
 
-The forms of the CS231n notes (seed 000, "annealing the learning rate"):
+The forms of Stanford's CS231n notes (section "annealing the learning rate"):
 
 * step decay: multiply by γ every ``step_size`` steps (:class:`StepDecay`, torch's StepLR);
 * exponential decay ``α = α0·e^(−kt)``: :class:`ExponentialDecay` with ``gamma = e^(−k)``

@@ -1,5 +1,5 @@
 """The flag combinations each rule is tested with: every combination of the
-flags RULES.md lists, with non-default values for the continuous
+flags docs/rules.md lists, with non-default values for the continuous
 hyperparameters so that every term of each update is exercised."""
 
 import functools

@@ -73,7 +73,7 @@ def test_warmup_then_cosine_is_sequentiallr():
     assert ours(10) == 0.1 and ours(100) == pytest.approx(1e-4)
 
 
-def test_inverse_time_decay_is_the_seed_form():
+def test_inverse_time_decay_is_the_textbook_one_over_t_form():
     sched = S.InverseTimeDecay(lr=0.5, k=0.1)
     assert [sched(t) for t in (0, 10, 90)] == [0.5, 0.5 / 2.0, 0.5 / 10.0]
     assert S.InverseTimeDecay(1.0, 1e308)(2 ** 62) == 0.0  # k·t overflows: the limit

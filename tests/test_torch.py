@@ -4,14 +4,15 @@ for every rule torch has, every flag combination it accepts, both dtypes, 100 st
 torch and fastopt differ in two documented places, which set the tolerances:
 * torch keeps NAdam's mu_product and ASGD's eta/mu as float32 tensors unless the
   default dtype is float64; fastopt keeps every per-step scalar in float64
-  (RULES.md). Those rules' float64 results therefore differ at float32 precision
+  (docs/rules.md). Those rules' float64 results therefore differ at float32 precision
   in the scalars, ~1e-7 relative; the comparison runs under torch's default dtype
   float64 for them, which makes torch keep float64 scalars too.
-* elementwise, torch and fastopt share the operation order of RULES.md, so the
-  remaining differences come from torch's vectorised kernels, which fuse
-  a + alpha*b into one FMA (one rounding where fastopt rounds twice, on purpose:
-  see rules.pxi). Over 100 steps that is a few ulps of the array's largest
-  magnitude, hence an absolute tolerance scaled to it.
+* elementwise, torch and fastopt share the operation order of docs/rules.md (apart
+  from the rounding-level differences it lists: Adam's multiply by 1/sqrt(bc2),
+  lerp's single form), so the remaining differences come from torch's vectorised
+  kernels, which fuse a + alpha*b into one FMA (one rounding where fastopt rounds
+  twice, on purpose: see rules.pxi). Over 100 steps that is a few ulps of the
+  array's largest magnitude, hence an absolute tolerance scaled to it.
 """
 
 import numpy as np
