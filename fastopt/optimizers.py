@@ -147,11 +147,10 @@ class Optimizer:
     # -- hyperparameters ----------------------------------------------------
     def __setattr__(self, name, value):
         if name in self.rule.defaults:
-            old = self._hp
-            hp = self.rule.check_hypers({**old, name: value})
+            hp = self.rule.with_hyper(self._hp, name, value)
             self.__dict__["_hp"] = hp
             # a schedule's opt.lr = x: re-bind only when the set of buffers changes
-            if self.rule.needed_buffers(hp) != self.rule.needed_buffers(old):
+            if self.rule.needed_buffers(hp) != self._needed:
                 self._sync_buffers()
         elif name == "step_count":
             raise AttributeError("step_count is set by step() and load_state_dict()")
@@ -202,6 +201,7 @@ class Optimizer:
             bufs.append(tuple(state[b.name] if b.needed(hp) else None for b in rule.buffers))
         d = self.__dict__
         d["_bufs"] = bufs
+        d["_needed"] = rule.needed_buffers(hp)
         if not self._many:
             d["_bound"] = backends.bind(be, rule.kernel, self._params[0], bufs[0])
             d["_groups"] = None

@@ -9,14 +9,18 @@ A row says everything the rest of fastopt needs to know about a rule:
   kernel of every backend takes after the buffers,
 * the bytes per element it moves (the benchmark's denominator) and its paper.
 
-Every backend exposes one kernel per ``Rule.kernel`` name with the call
+Each kernel's calling convention is named here and nowhere else: its buffer slots
+are param, grad, then ``Rule.buffers`` in order (``None``/absent for a buffer the
+hyperparameters do not use), and its per-step arguments are ``Rule.plan_fields``,
+the names of the tuple ``plan`` returns. ``fastopt/kernels/generate.py`` turns them
+into the compiled backend's tables, the Numba backends build theirs from them at
+import, and each backend runs a call over one or many segments (arrays). Every
+backend also exposes one entry per ``Rule.kernel`` name,
 
     kernel(param, grad, *buffers, *plan_args, nthreads)
 
-where ``buffers`` follow ``Rule.buffers`` order (``None`` for a buffer the current
-hyperparameters do not use) and ``plan_args`` is the tuple ``plan`` returns.  The
-per-element math behind each kernel is written out in ``../shared/RULES.md``; the
-tests' NumPy reference (``tests/reference.py``) transcribes it.
+which steps one array. The per-element math behind each kernel is written out in
+``docs/rules.md``; the NumPy reference the tests compare with transcribes it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ MAX_BUFFERS = 3
 # ---------------------------------------------------------------------------
 
 def _real(name: str, value: Any) -> float:
+    if type(value) is float:  # the common case, without the ABC check below
+        return value
     # bool is an int subclass; a flag passed as a rate is almost certainly a bug
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
@@ -155,6 +161,9 @@ class Hyper:
     kind: str = "real"
     check: Callable[[str, Any, Mapping[str, Any]], None] = _no_check
     doc: str = ""
+    # the values the tests cross with every other hyperparameter's (every flag is
+    # crossed with False and True): together they reach every term of the update
+    probe: tuple = ()
 
     def coerce(self, value: Any) -> Any:
         """Type-check and normalise ``value`` (TypeError names the argument)."""
@@ -218,6 +227,16 @@ class Rule:
         raise TypeError(f"{self.name} has no hyperparameter {name!r}; "
                         f"it has {', '.join(h.name for h in self.hypers)}")
 
+    def with_hyper(self, hp: Mapping[str, Any], name: str, value: Any) -> dict:
+        """``hp`` (already checked) with ``name`` set to ``value``, checked: only the
+        new value is coerced, every check runs (a check may read other values)."""
+        new = dict(hp)
+        new[name] = self.hyper(name).coerce(value)
+        for h in self.hypers:
+            h.check(h.name, new[h.name], new)
+        self.validate(new)
+        return new
+
     def check_hypers(self, values: Mapping[str, Any]) -> dict:
         """Coerce and validate a full set of hyperparameters; returns the clean dict."""
         hp = {}
@@ -256,9 +275,11 @@ def _bytes(n_read_write: int, n_read_only: int = 1):
     return lambda hp, itemsize: itemsize * (2 * n_read_write + n_read_only)
 
 
-LR = lambda default: Hyper("lr", default, check=_lr, doc="learning rate γ")
+LR = lambda default, probe: Hyper("lr", default, check=_lr, doc="learning rate γ",
+                                 probe=(probe,))
 EPS = lambda default: Hyper("eps", default, check=_eps, doc="ε, for numerical stability")
-WD = lambda default=0.0: Hyper("weight_decay", default, check=_weight_decay, doc="weight decay λ")
+WD = lambda default=0.0, probe=0.01: Hyper("weight_decay", default, check=_weight_decay,
+                                           doc="weight decay λ", probe=(0.0, probe))
 BETAS = lambda default: Hyper("betas", default, kind="pair", check=_betas, doc="(β1, β2)")
 MAXIMIZE = Hyper("maximize", False, kind="flag", doc="ascend instead of descend")
 
@@ -420,8 +441,10 @@ def _plan_lion(hp, t, scalars, fresh):
 # ---------------------------------------------------------------------------
 
 def _sgd_hypers():
-    hs = [LR(1e-3), Hyper("momentum", 0.0, check=_momentum, doc="momentum μ"),
-          Hyper("dampening", 0.0, check=_finite("dampening"), doc="dampening τ"),
+    hs = [LR(1e-3, 0.05),
+          Hyper("momentum", 0.0, check=_momentum, doc="momentum μ", probe=(0.0, 0.9)),
+          Hyper("dampening", 0.0, check=_finite("dampening"), doc="dampening τ",
+                probe=(0.0, 0.3)),
           WD(), Hyper("nesterov", False, kind="flag", doc="Nesterov momentum"), MAXIMIZE]
     return tuple(hs)
 
@@ -431,7 +454,7 @@ _has_momentum = lambda hp: hp["momentum"] != 0.0
 _SGD_BYTES = lambda hp, isz: isz * (5 if hp["momentum"] != 0.0 else 3)
 
 _ADAM_HYPERS = lambda lr, wd, decoupled: (
-    LR(lr), BETAS((0.9, 0.999)), EPS(1e-8), WD(wd),
+    LR(lr, 0.01), BETAS((0.9, 0.999)), EPS(1e-8), WD(wd),
     Hyper("amsgrad", False, kind="flag", doc="AMSGrad: use the running maximum of v"),
     MAXIMIZE, _decoupled(decoupled))
 
@@ -491,8 +514,9 @@ _add(Rule(
 
 _add(Rule(
     "Adagrad", "adagrad",
-    (LR(1e-2), Hyper("lr_decay", 0.0, check=_nonneg("lr_decay"), doc="learning-rate decay"),
-     WD(), Hyper("initial_accumulator_value", 0.0,
+    (LR(1e-2, 0.05), Hyper("lr_decay", 0.0, check=_nonneg("lr_decay"),
+                           doc="learning-rate decay", probe=(0.0, 0.01)),
+     WD(), Hyper("initial_accumulator_value", 0.0, probe=(0.0, 0.1),
                  check=_nonneg("initial_accumulator_value"), doc="starting value of sum"),
      EPS(1e-10), MAXIMIZE),
     (Buffer("sum", fill=lambda hp: hp["initial_accumulator_value"]),),
@@ -503,8 +527,9 @@ _add(Rule(
 
 _add(Rule(
     "RMSprop", "rmsprop",
-    (LR(1e-2), Hyper("alpha", 0.99, check=_nonneg("alpha"), doc="smoothing constant α"),
-     EPS(1e-8), WD(), Hyper("momentum", 0.0, check=_momentum, doc="momentum μ"),
+    (LR(1e-2, 0.01), Hyper("alpha", 0.99, check=_nonneg("alpha"), doc="smoothing constant α"),
+     EPS(1e-8), WD(),
+     Hyper("momentum", 0.0, check=_momentum, doc="momentum μ", probe=(0.0, 0.9)),
      Hyper("centered", False, kind="flag", doc="normalise by the variance estimate"),
      MAXIMIZE),
     (Buffer("square_avg"), Buffer("momentum_buffer", needed=lambda hp: hp["momentum"] > 0),
@@ -518,7 +543,7 @@ _add(Rule(
 
 _add(Rule(
     "Adadelta", "adadelta",
-    (LR(1.0), Hyper("rho", 0.9, check=_unit_interval("rho"), doc="decay ρ"),
+    (LR(1.0, 1.0), Hyper("rho", 0.9, check=_unit_interval("rho"), doc="decay ρ"),
      EPS(1e-6), WD(), MAXIMIZE),
     (Buffer("square_avg"), Buffer("acc_delta")),
     _plan_adadelta, _bytes(3),
@@ -528,7 +553,7 @@ _add(Rule(
 
 _add(Rule(
     "Adamax", "adamax",
-    (LR(2e-3), BETAS((0.9, 0.999)), EPS(1e-8), WD(), MAXIMIZE),
+    (LR(2e-3, 0.01), BETAS((0.9, 0.999)), EPS(1e-8), WD(), MAXIMIZE),
     (Buffer("exp_avg"), Buffer("exp_inf")),
     _plan_adamax, _bytes(3),
     paper="Kingma & Ba 2015, Adam, section 7",
@@ -537,7 +562,7 @@ _add(Rule(
 
 _add(Rule(
     "NAdam", "nadam",
-    (LR(2e-3), BETAS((0.9, 0.999)), EPS(1e-8), WD(),
+    (LR(2e-3, 0.01), BETAS((0.9, 0.999)), EPS(1e-8), WD(),
      Hyper("momentum_decay", 4e-3, check=_nonneg("momentum_decay"), doc="ψ"),
      _decoupled(False), MAXIMIZE),
     (Buffer("exp_avg"), Buffer("exp_avg_sq")),
@@ -550,7 +575,7 @@ _add(Rule(
 
 _add(Rule(
     "RAdam", "radam",
-    (LR(1e-3), BETAS((0.9, 0.999)), EPS(1e-8), WD(), _decoupled(False), MAXIMIZE),
+    (LR(1e-3, 0.01), BETAS((0.9, 0.999)), EPS(1e-8), WD(), _decoupled(False), MAXIMIZE),
     (Buffer("exp_avg"), Buffer("exp_avg_sq")),
     _plan_radam, _bytes(3),
     paper="Liu et al. 2020, On the Variance of the Adaptive Learning Rate and Beyond",
@@ -561,10 +586,13 @@ _add(Rule(
 
 _add(Rule(
     "ASGD", "asgd",
-    (Hyper("lr", 1e-2, check=_finite_lr, doc="learning rate γ"),
-     Hyper("lambd", 1e-4, check=_finite_nonneg("lambd"), doc="decay term λ"),
+    (Hyper("lr", 1e-2, check=_finite_lr, doc="learning rate γ", probe=(0.01,)),
+     Hyper("lambd", 1e-4, check=_finite_nonneg("lambd"), doc="decay term λ",
+           probe=(1e-4, 0.01)),
      Hyper("alpha", 0.75, check=_nonneg("alpha"), doc="power for η update"),
-     Hyper("t0", 1e6, check=_finite("t0"), doc="point at which to start averaging"),
+     # t0 = 10: averaging (μ ≠ 1) starts within a short test run
+     Hyper("t0", 1e6, check=_finite("t0"), doc="point at which to start averaging",
+           probe=(1e6, 10.0)),
      WD(), MAXIMIZE),
     (Buffer("ax"),),
     _plan_asgd, _bytes(2),
@@ -576,8 +604,10 @@ _add(Rule(
 
 _add(Rule(
     "Rprop", "rprop",
-    (LR(1e-2), Hyper("etas", (0.5, 1.2), kind="pair", check=_etas, doc="(η−, η+)"),
+    (LR(1e-2, 0.01), Hyper("etas", (0.5, 1.2), kind="pair", check=_etas, doc="(η−, η+)",
+                           probe=((0.5, 1.2), (0.3, 1.5))),
      Hyper("step_sizes", (1e-6, 50.0), kind="pair", check=_step_sizes,
+           probe=((1e-6, 50.0), (1e-3, 0.02)),
            doc="(minimal, maximal) step size"),
      MAXIMIZE),
     (Buffer("prev"), Buffer("step_size", fill=lambda hp: hp["lr"])),
@@ -588,7 +618,7 @@ _add(Rule(
 
 _add(Rule(
     "Lion", "lion",
-    (LR(1e-4), BETAS((0.9, 0.99)), WD(), MAXIMIZE),
+    (LR(1e-4, 1e-3), BETAS((0.9, 0.99)), WD(probe=0.1), MAXIMIZE),
     (Buffer("exp_avg"),),
     _plan_lion, _bytes(2),
     paper="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms",

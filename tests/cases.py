@@ -9,31 +9,11 @@ import numpy as np
 
 from fastopt.rules import RULES
 
-# axes per rule: name -> list of values; combinations are the product
-AXES = {
-    "SGD": dict(lr=[0.05], momentum=[0.0, 0.9], dampening=[0.0, 0.3], nesterov=[False, True],
-                weight_decay=[0.0, 0.01], maximize=[False, True]),
-    "Adam": dict(lr=[0.01], amsgrad=[False, True], maximize=[False, True],
-                 weight_decay=[0.0, 0.01], decoupled_weight_decay=[False, True]),
-    "Adagrad": dict(lr=[0.05], lr_decay=[0.0, 0.01], weight_decay=[0.0, 0.01],
-                    initial_accumulator_value=[0.0, 0.1], maximize=[False, True]),
-    "RMSprop": dict(lr=[0.01], momentum=[0.0, 0.9], centered=[False, True],
-                    weight_decay=[0.0, 0.01], maximize=[False, True]),
-    "Adadelta": dict(lr=[1.0], weight_decay=[0.0, 0.01], maximize=[False, True]),
-    "Adamax": dict(lr=[0.01], weight_decay=[0.0, 0.01], maximize=[False, True]),
-    "NAdam": dict(lr=[0.01], weight_decay=[0.0, 0.01], decoupled_weight_decay=[False, True],
-                  maximize=[False, True]),
-    "RAdam": dict(lr=[0.01], weight_decay=[0.0, 0.01], decoupled_weight_decay=[False, True],
-                  maximize=[False, True]),
-    # t0=10: averaging (mu != 1) starts within the run
-    "ASGD": dict(lr=[0.01], lambd=[1e-4, 0.01], t0=[1e6, 10.0], weight_decay=[0.0, 0.01],
-                 maximize=[False, True]),
-    "Rprop": dict(lr=[0.01], etas=[(0.5, 1.2), (0.3, 1.5)], step_sizes=[(1e-6, 50.0), (1e-3, 0.02)],
-                  maximize=[False, True]),
-    "Lion": dict(lr=[1e-3], weight_decay=[0.0, 0.1], maximize=[False, True]),
-}
-AXES["SGDW"] = dict(AXES["SGD"])
-AXES["AdamW"] = dict(AXES["Adam"])
+# axes per rule, from the registry: each hyperparameter's probe values, and False/True
+# for every flag; the combinations are the product
+AXES = {name: {h.name: ([False, True] if h.kind == "flag" else list(h.probe))
+               for h in rule.hypers if h.kind == "flag" or h.probe}
+        for name, rule in RULES.items()}
 
 
 def combos(rule_name):
@@ -77,22 +57,28 @@ def initial_param(n, dtype, seed=1):
     return np.random.default_rng(seed).standard_normal(n).astype(dtype)
 
 
-# One flag set per kernel path for the CUDA kernels against the CPU (the simulator
-# suite in test_numba_backends.py and the GPU lane in test_cuda_gpu.py)
-CUDA_CASES = [
-    ("SGD", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
-    ("SGD", {"maximize": True}),
-    ("SGDW", {"momentum": 0.9, "dampening": 0.2, "weight_decay": 0.1}),
-    ("Adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True}),
-    ("AdamW", {}),
-    ("Adagrad", {"lr_decay": 0.01, "weight_decay": 0.1}),
-    ("RMSprop", {"centered": True, "momentum": 0.9, "weight_decay": 0.1}),
-    ("RMSprop", {"maximize": True}),
-    ("Adadelta", {"weight_decay": 0.1}),
-    ("Adamax", {"maximize": True, "weight_decay": 0.1}),
-    ("NAdam", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
-    ("RAdam", {"weight_decay": 0.1}),
-    ("ASGD", {"t0": 3.0, "weight_decay": 0.1}),
-    ("Rprop", {"maximize": True}),
-    ("Lion", {"weight_decay": 0.1}),
-]
+def kernel_paths(rule_name):
+    """A few flag sets of a rule that between them take every branch of its kernel:
+    the valid combination with the most non-default values, then for each flag it
+    leaves off the fullest combination with that flag on (SGD's nesterov excludes
+    dampening), then the defaults with maximize. For the suites that pay per case
+    (the CUDA simulator, the GPU lane, Numba's compiles)."""
+    rule = RULES[rule_name]
+    everything = combos(rule_name)
+
+    def fullest(pool):
+        return max(reversed(pool), key=lambda hp: sum(v != rule.defaults[k]
+                                                      for k, v in hp.items()))
+    out = [fullest(everything)]
+    for h in rule.hypers:
+        if h.kind == "flag" and not any(hp[h.name] for hp in out):
+            out.append(fullest([hp for hp in everything if hp[h.name]]))
+    plain = {**rule.defaults, "maximize": True}
+    return out + ([plain] if plain not in out else [])
+
+
+# Those flag sets of every rule, as (name, hyperparameters that differ from the
+# defaults): the CUDA kernels against the CPU (the simulator suite in
+# test_numba_backends.py, the GPU lane in test_cuda_gpu.py) and the Numba lists
+CUDA_CASES = [(name, {k: v for k, v in hp.items() if v != RULES[name].defaults[k]})
+              for name in RULES for hp in kernel_paths(name)]

@@ -13,7 +13,6 @@ module), with no Python API in between:
 * bad buffers are refused before anything is written.
 """
 
-import itertools
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import pytest  # noqa: E402
 
 from fastopt import backends  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
-from cases import CUDA_CASES  # noqa: E402
+from cases import CUDA_CASES, kernel_paths  # noqa: E402
 
 NUMBA = backends.load("numba")
 CYTHON = backends.load("cython") if backends.available("cython") else None
@@ -37,36 +36,11 @@ LENGTHS = (1, 7, 1031, 100003)  # 100003 > PARALLEL_MIN: the threaded path
 STEPS = 30
 
 
-def _product(**axes):
-    names = list(axes)
-    return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
-
-
-# Every flag that changes a kernel's path. ASGD's t0 is small so that μ ≠ 1
-# (averaging) starts within the steps; RAdam's ρ_t crosses 5 at t = 6 with
-# β2 = 0.999, so 30 steps see both branches.
-CASES = {
-    "SGD": [{}, {"momentum": 0.9}, {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1},
-            {"momentum": 0.9, "nesterov": True}, {"maximize": True, "weight_decay": 0.1},
-            {"momentum": 0.5, "nesterov": True, "maximize": True, "weight_decay": 0.1}],
-    "SGDW": [{"momentum": 0.9, "weight_decay": 0.1}, {"weight_decay": 0.1, "maximize": True}],
-    "Adam": _product(amsgrad=(False, True), maximize=(False, True),
-                     decoupled_weight_decay=(False, True), weight_decay=(0.0, 0.1)),
-    "AdamW": [{}, {"amsgrad": True, "maximize": True}],
-    "Adagrad": [{}, {"lr_decay": 0.01, "weight_decay": 0.1, "initial_accumulator_value": 0.1},
-                {"maximize": True}],
-    "RMSprop": _product(centered=(False, True), momentum=(0.0, 0.9),
-                        maximize=(False, True), weight_decay=(0.0, 0.1)),
-    "Adadelta": [{}, {"weight_decay": 0.1, "maximize": True}],
-    "Adamax": [{}, {"weight_decay": 0.1, "maximize": True}],
-    "NAdam": [{}, {"weight_decay": 0.1},
-              {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}],
-    "RAdam": [{}, {"weight_decay": 0.1},
-              {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}],
-    "ASGD": [{}, {"t0": 5.0}, {"t0": 5.0, "weight_decay": 0.1, "maximize": True}],
-    "Rprop": [{}, {"maximize": True}, {"lr": 0.5, "step_sizes": (1e-3, 1.0)}],
-    "Lion": [{}, {"weight_decay": 0.1, "maximize": True}],
-}
+# Every branch of each kernel, from the registry (cases.kernel_paths). ASGD's t0 probe
+# is small so that averaging (μ ≠ 1) starts within the steps; RAdam's ρ_t crosses
+# 5 at t = 6 with β2 = 0.999, so 30 steps see both branches.
+CASES = {name: [{k: v for k, v in hp.items() if v != RULES[name].defaults[k]}
+                for hp in kernel_paths(name)] for name in RULES}
 assert set(CASES) == set(RULES), "every rule needs cases here"
 
 

@@ -1,5 +1,5 @@
 """Every rule × every flag combination × both dtypes × odd lengths × 100 steps
-against the NumPy transcription of RULES.md (tests/reference.py), on every backend.
+against the NumPy transcription of docs/rules.md (the reference), on every backend.
 
 The kernels evaluate each element in the reference's operation order, so the
 expected deviation is zero; the tolerances (float64 1e-12, float32 1e-5 relative

@@ -3,10 +3,11 @@
 This file is ``fastopt/kernels/rules.pxi`` transcribed for Numba, in the same
 order and with the same names, so the two can be read side by side:
 
-* ``<rule>_coefs(c, dt)`` is the head of ``_<rule>_chunk`` in rules.pxi: it casts
-  the per-step float64 scalars ``c`` (the ``plan`` tuple of ``fastopt.rules``)
-  once per call to the buffers' type ``dt`` (``np.float32`` or ``np.float64``) and
-  works out the flags from the float64 values, exactly as the pxi does;
+* ``<rule>_coefs(c, dt)`` is the head of ``<rule>_chunk`` in rules.pxi: it casts
+  the per-step float64 scalars ``c`` (the kernel's plan namedtuple, whose field
+  names are the registry's ``Rule.plan_fields``) once per call to the buffers'
+  type ``dt`` (``np.float32`` or ``np.float64``) and works out the flags from the
+  float64 values, exactly as the pxi does;
 * ``<rule>(p, g, a0, a1, a2, k, h0, h1, h2)`` is the body of the pxi loop for one
   element: ``p``/``g`` the parameter and gradient, ``a0..a2`` the element of each
   state buffer in ``Rule.buffers`` order (a dummy when ``h0..h2`` say the buffer

@@ -1,8 +1,8 @@
-# The memory-bandwidth roof the benchmark divides by (fastopt bench, issue 4).
-# Included at the end of _baseline.pyx and _avx2.pyx, so it is compiled with the
-# same flags, the same OpenMP runtime and the same threading policy as the rule
-# kernels in rules.pxi (contiguous chunks aligned to 16 elements, one per thread,
-# no parallel region below PARALLEL_MIN elements or with one thread).
+# The memory-bandwidth roof `fastopt bench` divides by. Included after the rule
+# kernels in _baseline.pyx and _avx2.pyx, so it is compiled with the same flags,
+# the same OpenMP runtime and the same threading policy as the engine (contiguous
+# chunks aligned to 16 elements, one per thread, no parallel region below
+# PARALLEL_MIN elements or with one thread).
 #
 #   triad(a, b, c, s, nthreads):  a[i] = b[i] + s*c[i]      (STREAM "triad")
 #   axpy(a, c, s, nthreads):      a[i] = a[i] + s*c[i]      (read-modify-write)
@@ -11,9 +11,9 @@
 # (not non-temporal), so the CPU first reads every line of a into cache (the
 # write-allocate) and later writes it back: 4 streams of memory traffic per
 # element, 4*itemsize bytes, although STREAM's convention counts 3. The
-# benchmark counts 4, because the optimizer kernels' bytes/element in RULES.md
-# count real traffic too: every buffer they write they have also read (param
-# and state are updated in place), so they pay no write-allocate. axpy, whose
+# benchmark counts 4, because the optimizer kernels' bytes/element (the registry's
+# bytes_per_element) count real traffic too: every buffer they write they have
+# also read (param and state are updated in place), so they pay no write-allocate. axpy, whose
 # written buffer is also read, moves 3*itemsize bytes with no write-allocate;
 # its GB/s checks that triad's 4-stream count is the right one.
 
