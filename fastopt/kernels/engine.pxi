@@ -473,8 +473,8 @@ def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
     cdef int nplan, typenum, slot
     cdef double c[32]
     cdef Py_ssize_t nseg, ncol, s, m, itemsize
-    cdef const uintptr_t[:, ::1] P = ptrs
-    cdef const Py_ssize_t[::1] L = lengths
+    cdef const uintptr_t* P
+    cdef const Py_ssize_t* L
     cdef Seg* segs
     cdef Py_ssize_t* starts = NULL
     cdef Span* spans = NULL
@@ -489,12 +489,26 @@ def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
         itemsize = 8
     else:
         raise TypeError(f"dtype must be numpy.dtype('float32') or ('float64'), got {dtype!r}")
-    nseg, ncol = P.shape[0], P.shape[1]
+    # the tables through NumPy's C API: a memoryview costs more than a small call
+    if not (type(ptrs) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>ptrs) == cnp.NPY_UINTP
+            and cnp.PyArray_NDIM(<cnp.ndarray>ptrs) == 2
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>ptrs)):
+        raise TypeError("ptrs must be a C-contiguous 2-D numpy.uintp array")
+    if not (type(lengths) is cnp.ndarray
+            and cnp.PyArray_TYPE(<cnp.ndarray>lengths) == cnp.NPY_INTP
+            and cnp.PyArray_NDIM(<cnp.ndarray>lengths) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>lengths)):
+        raise TypeError("lengths must be a C-contiguous 1-D numpy.intp array")
+    nseg = cnp.PyArray_DIM(<cnp.ndarray>ptrs, 0)
+    ncol = cnp.PyArray_DIM(<cnp.ndarray>ptrs, 1)
+    P = <const uintptr_t*>cnp.PyArray_DATA(<cnp.ndarray>ptrs)
+    L = <const Py_ssize_t*>cnp.PyArray_DATA(<cnp.ndarray>lengths)
     if ncol != len(names):
         raise ValueError(f"ptrs has {ncol} columns; {kernel} takes {len(names)} "
                          f"({', '.join(names)})")
-    if L.shape[0] != nseg:
-        raise ValueError(f"lengths has {L.shape[0]} entries, ptrs has {nseg} rows")
+    if cnp.PyArray_DIM(<cnp.ndarray>lengths, 0) != nseg:
+        raise ValueError(f"lengths has {cnp.PyArray_DIM(<cnp.ndarray>lengths, 0)} entries, "
+                         f"ptrs has {nseg} rows")
     if nseg == 0:
         return
     segs = <Seg*>malloc(nseg * sizeof(Seg))
@@ -509,12 +523,12 @@ def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
             if L[s] > 0 and lead < 0:
                 lead = s
             for slot in range(NSLOT):
-                segs[s].ptr[slot] = <char*>P[s, slot] if slot < ncol else NULL
+                segs[s].ptr[slot] = <char*>P[s * ncol + slot] if slot < ncol else NULL
                 if segs[s].n == 0 or slot >= ncol:
                     continue
                 if slot <= GRAD and segs[s].ptr[slot] == NULL:
                     raise ValueError(f"{names[slot]}[{s}] is a null pointer")
-                if (segs[s].ptr[slot] == NULL) != (P[lead, slot] == 0):
+                if (segs[s].ptr[slot] == NULL) != (P[lead * ncol + slot] == 0):
                     raise ValueError(f"{names[slot]} is present in some segments and "
                                      f"absent in others (segment {s})")
         starts = _prefix(segs, nseg)
