@@ -115,17 +115,6 @@ def check_buffers(names, arrays):
                                  "distinct (pass a copy)")
 
 
-def check_distinct(named):
-    """ValueError naming the first two of ``named`` ((name, array) pairs, all written)
-    that share memory."""
-    present = [(n, a) for n, a in named if a is not None and a.shape[0] > 0]
-    ranges = sorted((_byte_range(a) + (n,) for n, a in present), key=lambda r: r[0])
-    for (alo, ahi, na), (blo, bhi, nb) in zip(ranges, ranges[1:]):
-        if blo < ahi:
-            raise ValueError(f"{nb} shares memory with {na}; every buffer that is written "
-                             "must be distinct (pass a copy)")
-
-
 def check_step(step) -> int:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise TypeError(f"step must be an int (the 1-based step count t), got {step!r}")

@@ -34,6 +34,17 @@ for kernel in M.RULES:
         print(json.dumps({"kernel": kernel, "dtype": dt,
                           "fmul": len(re.findall(r"= fmul ", ir)),
                           "mul_rn": sorted(set(re.findall(r"__nv_[fd]mul_rn", ir)))}))
+        # the segment-table kernel of the same rule (bind_many, run_segments)
+        seg = C.segment_kernel_for(kernel, (True, True, True))
+        table = types.Array(types.uint64, 2, "C")
+        starts = types.Array(types.int64, 1, "C")
+        cres = compile_cuda(seg.py_func, types.void, (table, starts, numba.typeof(k)),
+                            cc=(9, 0))
+        ir = cres.library.get_llvm_str()
+        print(json.dumps({"kernel": kernel, "segments": True, "dtype": dt,
+                          "fmul": len(re.findall(r"= fmul ", ir)),
+                          "mul_rn": sorted(set(re.findall(r"__nv_[fd]mul_rn", ir))),
+                          "loads": len(re.findall(r"= load ", ir))}))
 
 # the control: the same lowering keeps a bare multiply where the source has one,
 # so a count of 0 above means the kernels have none (not that none is ever seen)

@@ -181,6 +181,9 @@ def test_kernels_have_no_bare_multiply_for_nvvm_to_contract():
     assert control and control[0]["fmul"] >= 1  # the count can see a multiply
     kernels = [r for r in rows if r["kernel"] != "control"]
     assert {r["kernel"] for r in kernels} == {r.kernel for r in RULES.values()}
+    # every rule also has its segment-table kernel, lowered for the real target
+    assert {r["kernel"] for r in kernels if r.get("segments")} == \
+        {r.kernel for r in RULES.values()}
     for r in kernels:
         assert r["fmul"] == 0, r
         assert r["mul_rn"] == (["__nv_fmul_rn"] if r["dtype"] == "float32"

@@ -170,6 +170,26 @@ def test_gpu_no_driver_query_on_the_hot_path(device_grid, monkeypatch):
     cuda.synchronize()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_gpu_list_of_arrays_is_one_launch_bitwise_equal_to_cpu(dtype, device_grid):
+    """bind_many's device segment table (_load/_store through raw addresses) against
+    the compiled CPU engine, on a transformer-like list of many small arrays."""
+    import fastopt
+    from numba import cuda
+    rng = np.random.default_rng(5)
+    shapes = [(int(n),) for n in rng.integers(0, 3000, 130)] + [(2 ** 20 + 3,), (7, 9)]
+    cpu = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    dev = [cuda.to_device(a) for a in cpu]
+    hp = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
+    ref, opt = fastopt.AdamW(cpu, **hp), fastopt.AdamW(dev, **hp)
+    for step in range(5):
+        gs = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        ref.step(gs)
+        opt.step([cuda.to_device(g) for g in gs])
+    for a, d in zip(cpu, dev):
+        np.testing.assert_array_equal(d.copy_to_host(), a)
+
+
 @pytest.mark.parametrize("library", ["torch", "cupy"])
 def test_gpu_flat_params_of_library_arrays(library, device_grid):
     lib = pytest.importorskip(library)

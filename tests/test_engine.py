@@ -115,18 +115,71 @@ def test_list_on_numba_equals_compiled(name, hp, dtype):
 
 
 @pytest.mark.parametrize("name,hp", [pytest.param(n, hp, id=f"{n}[{case_id(hp, n)}]")
-                                     for n, hp in CUDA_CASES[:6]])
-def test_list_on_cuda_equals_compiled(name, hp):
+                                     for n, hp in CUDA_CASES])
+def test_list_on_cuda_equals_compiled(name, hp, monkeypatch):
+    """One launch over the device segment table (the simulator; the GPU lane runs
+    the same on a GPU): 2 blocks of 32 threads stride over 4 segments."""
     from numba import cuda
+    cuda_backend = backends.load("cuda")
+    monkeypatch.setattr(cuda_backend, "BLOCK_SIZE", 32)
+    monkeypatch.setattr(cuda_backend, "MAX_BLOCKS", 2)
     hp = {**RULES[name].defaults, **hp}
     shapes = [(7,), (0,), (1,), (70,)]
     ref, _ = _run_list(name, hp, shapes, F32, 1)
     params = [cuda.to_device(p) for p in _model(shapes, F32)]
     opt = getattr(fastopt, name)(params, **hp)
+    assert type(opt._bound).__name__ == "SegmentBound"
     for t in range(STEPS):
         opt.step([cuda.to_device(g) for g in _grads(shapes, F32, t)])
     for p, r in zip(params, ref):
         _same_bits(p.copy_to_host(), r)
+
+
+def test_cuda_list_bad_gradient_named_and_nothing_written():
+    from numba import cuda
+    params = [cuda.to_device(p) for p in _model([(5,), (9,)], F32)]
+    opt = fastopt.Adam(params, lr=0.1)
+    before = [p.copy_to_host() for p in params]
+    for bad, exc, word in (([cuda.to_device(np.ones(5, F32)), cuda.to_device(np.ones(8, F32))],
+                            ValueError, "grad[1]"),
+                           ([cuda.to_device(np.ones(5, F32)), params[1]], ValueError,
+                            "grad[1] shares memory with param[1]"),
+                           ([cuda.to_device(np.ones(5, F32)), cuda.to_device(np.ones(9))],
+                            TypeError, "grad[1]"),
+                           ([np.ones(5, F32), cuda.to_device(np.ones(9, F32))], TypeError,
+                            "grad[0]")):
+        with pytest.raises(exc, match=word.replace("[", r"\[").replace("]", r"\]")):
+            opt.step(bad)
+        for p, b in zip(params, before):
+            _same_bits(p.copy_to_host(), b)
+
+
+def test_cuda_run_segments_equals_bound():
+    from numba import cuda
+    cuda_backend = backends.load("cuda")
+    rule = RULES["RMSprop"]
+    hp = rule.check_hypers({**rule.defaults, "momentum": 0.9, "centered": True})
+    shapes = [(7,), (33,)]
+    params = [cuda.to_device(p) for p in _model(shapes, F64)]
+    twin = [cuda.to_device(p) for p in _model(shapes, F64)]
+    grads_ = [cuda.to_device(g) for g in _grads(shapes, F64, 0)]
+    state = [[cuda.to_device(np.zeros(s, F64)) for _ in range(3)] for s in shapes]
+    addr = lambda a: a.__array_interface__["data"][0] if hasattr(a, "__array_interface__") \
+        else a.__cuda_array_interface__["data"][0]  # noqa: E731
+    ptrs = np.array([[addr(p), addr(g)] + [addr(b) for b in st]
+                     for p, g, st in zip(params, grads_, state)], dtype=np.uintp)
+    args, _ = rule.plan(hp, 1, {}, False)
+    cuda_backend.run_segments("rmsprop", np.dtype(F64), ptrs,
+                              np.array([7, 33], dtype=np.intp), args, 1)
+    opt = fastopt.RMSprop(twin, **hp)
+    opt.step(grads_)
+    for p, q in zip(params, twin):
+        _same_bits(p.copy_to_host(), q.copy_to_host())
+    bad = ptrs.copy()
+    bad[1, 1] = ptrs[0, 2]
+    with pytest.raises(ValueError, match="shares memory"):
+        cuda_backend.run_segments("rmsprop", np.dtype(F64), bad,
+                                  np.array([7, 33], dtype=np.intp), args, 1)
 
 
 @pytest.mark.parametrize("backend", ["cython", "numba"])

@@ -3,19 +3,20 @@
 A backend is a module with:
 
 * ``NAME``: "cython", "numba" or "cuda";
-* one kernel per ``Rule.kernel`` name (``sgd``, ``adam``, ``adagrad``, ``rmsprop``,
-  ``adadelta``, ``adamax``, ``nadam``, ``radam``, ``asgd``, ``rprop``, ``lion``), called
-  ``kernel(param, grad, *buffers, *plan_args, nthreads)`` exactly as
-  ``fastopt/kernels/rules.pxi`` defines them (``None`` for an absent buffer). A kernel
-  checks lengths and overlap before it writes anything and raises ``ValueError``/
-  ``TypeError`` on a bad buffer;
+* one kernel per ``Rule.kernel`` name (``sgd``, ``adam``, ...), called
+  ``kernel(param, grad, *buffers, *plan_args, nthreads)`` (``None`` for an absent
+  buffer): one array, one step. It checks everything before it writes anything and
+  raises ``ValueError``/``TypeError`` on a bad buffer;
+* ``bind(kernel, param, buffers)`` and ``bind_many(kernel, params, buffers, labels)``:
+  the classes' fast path, params and state checked once; ``step(grads, args,
+  nthreads)``, or ``prepare(grads)`` (checks, writes nothing) then ``run(args,
+  nthreads)``. ``bind_many`` runs a list of arrays as one call over segments;
+* ``run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check=True)``: one call
+  over raw addresses the caller keeps alive (the torch adapter's path);
 * ``max_threads()``: the default thread count;
-* ``as_array(obj)``: ``obj`` as the backend's 1-D array type, without a copy, or
+* ``as_array(obj)``: ``obj`` as the backend's array type, without a copy, or
   ``TypeError``; ``full(n, dtype, value, like)``: a new state buffer beside ``like``;
-  ``to_host(buf)``: a NumPy copy; ``copy_from_host(dst, host)``: fill ``dst``;
-* optionally ``bind(kernel, param, buffers)``: an object whose
-  ``step(grad, args, nthreads)`` runs the kernel on buffers acquired once (the
-  classes' fast path); ``bind`` below adapts a backend that lacks it.
+  ``to_host(buf)``: a NumPy copy; ``copy_from_host(dst, host)``: fill ``dst``.
 
 Selection: ``FASTOPT_BACKEND=cython|numba`` forces a CPU backend (an error if it is
 unavailable); otherwise the compiled one when it imports, else Numba. Arrays that
@@ -131,53 +132,11 @@ def bind(backend, kernel: str, param, buffers):
     return _Unbound(getattr(backend, kernel), param, buffers)
 
 
-class _PerArray:
-    """``bind_many`` for a backend without segments: one bound call per array, all
-    gradients checked (``prepare``) before any array is written."""
-
-    __slots__ = ("bounds", "n", "_grads")
-
-    def __init__(self, backend, kernel, params, buffers, labels):
-        from fastopt._checks import check_distinct
-        labels = list(range(len(params))) if labels is None else list(labels)
-        check_distinct([(f"param[{i}]", p) for i, p in zip(labels, params)]
-                       + [(f"{n}[{i}]", b) for i, bufs in zip(labels, buffers)
-                          for n, b in zip(_buffer_names(kernel), bufs) if b is not None])
-        self.bounds = [bind(backend, kernel, p, b) for p, b in zip(params, buffers)]
-        self.n = len(params)
-
-    def prepare(self, grads):
-        if type(grads) is not list and type(grads) is not tuple:
-            raise TypeError(f"grad must be a list of {self.n} arrays, got "
-                            f"{type(grads).__name__}")
-        if len(grads) != self.n:
-            raise ValueError(f"grad has {len(grads)} arrays, param has {self.n}")
-        for bound, g in zip(self.bounds, grads):
-            if hasattr(bound, "check_grad"):
-                bound.check_grad(g)
-        self._grads = grads
-
-    def run(self, args, nthreads):
-        for bound, g in zip(self.bounds, self._grads):
-            bound.step(g, args, nthreads)
-
-    def step(self, grads, args, nthreads):
-        self.prepare(grads)
-        self.run(args, nthreads)
-
-
-def _buffer_names(kernel):
-    from fastopt.rules import kernel_rule
-    return [b.name for b in kernel_rule(kernel).buffers]
-
-
 def bind_many(backend, kernel: str, params, buffers, labels=None):
     """Arrays of one dtype and their state (one tuple per array), stepped together:
     ``step(grads, args, nthreads)``, or ``prepare(grads)`` then ``run(args,
     nthreads)``. ``labels`` are the arrays' indices for messages."""
-    if hasattr(backend, "bind_many"):
-        return backend.bind_many(kernel, params, buffers, labels)
-    return _PerArray(backend, kernel, params, buffers, labels)
+    return backend.bind_many(kernel, params, buffers, labels)
 
 
 # One thread count for every CPU backend, read by each call (kernels take it as

@@ -329,6 +329,105 @@ def _make_kernel(element, h0, h1, h2):
     return kernel
 
 
+# --------------------------------------------------------------------------
+# Segments: one launch over many arrays. The segment table (one row of addresses
+# per array: param, grad, state buffers) and the prefix sums of the lengths live
+# on the device; each thread finds the segment of its element by binary search
+# and reads and writes through the addresses (_load/_store: an inttoptr and one
+# access on the GPU; under the simulator, whose "device" memory is host memory,
+# the same access through ctypes).
+# --------------------------------------------------------------------------
+
+if _SIM:
+    import ctypes
+
+    def _load(addr, i, like):
+        t = type(like)
+        size = np.dtype(t).itemsize
+        raw = (ctypes.c_char * size).from_address(int(addr) + int(i) * size)
+        return np.frombuffer(raw, dtype=t)[0]
+
+    def _store(addr, i, value):
+        size = np.dtype(type(value)).itemsize
+        raw = (ctypes.c_char * size).from_address(int(addr) + int(i) * size)
+        np.frombuffer(raw, dtype=type(value))[0] = value
+
+else:
+    from numba import types as _types
+    from numba.cuda.extending import intrinsic as _intrinsic
+
+    def _element_pointer(context, builder, addr, index, ty):
+        ptr = builder.inttoptr(addr, context.get_value_type(ty).as_pointer())
+        return builder.gep(ptr, [index])
+
+    @_intrinsic
+    def _load(typingctx, addr, i, like):
+        if not (isinstance(addr, _types.Integer) and isinstance(i, _types.Integer)
+                and isinstance(like, _types.Float)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            index = context.cast(builder, args[1], sig.args[1], _types.int64)
+            return builder.load(_element_pointer(context, builder, args[0], index, like))
+        return like(addr, i, like), codegen
+
+    @_intrinsic
+    def _store(typingctx, addr, i, value):
+        if not (isinstance(addr, _types.Integer) and isinstance(i, _types.Integer)
+                and isinstance(value, _types.Float)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            index = context.cast(builder, args[1], sig.args[1], _types.int64)
+            builder.store(args[2], _element_pointer(context, builder, args[0], index, value))
+            return context.get_dummy_value()
+        return _types.void(addr, i, value), codegen
+
+
+def _make_segment_kernel(element, h0, h1, h2):
+    digest = M.SOURCE_DIGEST  # in the closure, hence in the cache key (see _numba_math)
+
+    @cuda.jit(cache=not _SIM)
+    def kernel(P, starts, k):
+        digest  # noqa: B018 (kept in the closure on purpose)
+        nseg = P.shape[0]
+        like = k[0]  # a value of the buffers' type (every plan starts with a real)
+        for i in range(cuda.grid(1), starts[nseg], cuda.gridsize(1)):
+            lo, hi = 0, nseg - 1
+            while lo < hi:  # the segment holding element i
+                mid = (lo + hi + 1) >> 1
+                if starts[mid] <= i:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            j = i - starts[lo]
+            pi = _load(P[lo, 0], j, like)
+            a0 = _load(P[lo, 2], j, like) if h0 else pi
+            a1 = _load(P[lo, 3], j, like) if h1 else pi
+            a2 = _load(P[lo, 4], j, like) if h2 else pi
+            pi, a0, a1, a2 = element(pi, _load(P[lo, 1], j, like), a0, a1, a2, k,
+                                     h0, h1, h2)
+            _store(P[lo, 0], j, pi)
+            if h0:
+                _store(P[lo, 2], j, a0)
+            if h1:
+                _store(P[lo, 3], j, a1)
+            if h2:
+                _store(P[lo, 4], j, a2)
+    return kernel
+
+
+_SEGMENT_KERNELS: dict = {}
+
+
+def segment_kernel_for(kernel, present):
+    key = (kernel, tuple(bool(h) for h in present))
+    k = _SEGMENT_KERNELS.get(key)
+    if k is None:
+        k = _SEGMENT_KERNELS[key] = _make_segment_kernel(M.RULES[kernel][1], *key[1])
+    return k
+
+
 _KERNELS: dict = {}
 
 
@@ -580,6 +679,189 @@ def _direct_stream(stream):
         # keep the stream itself in the entry, so that its id stays its own
         hit = _direct_streams[id(stream)] = (stream, _to_core_stream(stream))
     return hit[1]
+
+
+class SegmentBound:
+    """Arrays of one dtype on one GPU and their state, one launch per step over a
+    segment table on the device (``bind_many``). ``prepare(grads)`` checks every
+    gradient (type, dtype, size, device, overlap) and writes nothing; ``run`` then
+    launches; ``step`` is both."""
+
+    __slots__ = ("kernel", "rule", "names", "dtype", "device", "coefs", "present", "sizes",
+                 "table", "d_table", "d_starts", "written", "labels", "arrays", "grid",
+                 "dispatcher", "grads", "stream", "torch_stream", "ready")
+
+    def __init__(self, kernel, params, buffers, labels=None):
+        coefs, _, rule, names = M.RULES[kernel]
+        nbuf = len(names) - 2
+        self.kernel, self.rule, self.names, self.coefs = kernel, rule, names, coefs
+        self.labels = list(range(len(params))) if labels is None else list(labels)
+        lab = lambda slot, s: f"{names[slot]}[{self.labels[s]}]"  # noqa: E731
+        params, buffers = list(params), [tuple(b) + (None,) * (nbuf - len(b)) for b in buffers]
+        if not params or len(buffers) != len(params):
+            raise ValueError(f"{len(params)} params and {len(buffers)} buffer tuples")
+        table = np.zeros((len(params), 5), dtype=np.uint64)
+        sizes, ranges, keep, present, dt, dev = [], [], [], None, None, None
+        for s, (p, bufs) in enumerate(zip(params, buffers)):
+            pattern = tuple(b is not None for b in bufs) + (False,) * (3 - nbuf)
+            if present is None:
+                present = pattern
+            elif pattern != present:
+                raise ValueError(f"param {s} has state buffers {pattern}, param 0 has "
+                                 f"{present}; one call needs one set")
+            for slot, a in ((0, p),) + tuple((2 + j, b) for j, b in enumerate(bufs)):
+                if a is None:
+                    continue
+                x, ptr, n, adt, _ = _describe(rule, lab(slot, s), a, True)
+                if dt is None:
+                    if adt not in _DTYPES:
+                        raise TypeError(f"{rule}: {lab(slot, s)} must be float32 or "
+                                        f"float64, got {adt}")
+                    dt = adt
+                elif adt != dt:
+                    raise TypeError(f"{rule}: {lab(slot, s)} has dtype {adt}, {lab(0, 0)} "
+                                    f"has dtype {dt}; they must match")
+                if slot == 0:
+                    sizes.append(n)
+                elif n != sizes[s]:
+                    raise ValueError(f"{rule}: {lab(slot, s)} has {n} elements, "
+                                     f"{lab(0, s)} has {sizes[s]}")
+                if n:
+                    d = _device_of(x, ptr)
+                    if dev is None:
+                        dev = d
+                    elif d != dev:
+                        raise ValueError(f"{rule}: {lab(slot, s)} is on GPU {d}, "
+                                         f"{lab(0, 0)} is on GPU {dev}")
+                    ranges.append((ptr, s * 5 + slot, ptr + n * adt.itemsize, lab(slot, s)))
+                table[s, slot] = ptr
+                keep.append(x)
+        ranges.sort()
+        for (alo, _, ahi, na), (blo, _, bhi, nb) in zip(ranges, ranges[1:]):
+            if blo < ahi:
+                raise ValueError(f"{rule}: {nb} shares memory with {na}; every buffer that "
+                                 "is written must be distinct (pass a copy)")
+        self.dtype, self.device, self.present = dt, dev or 0, present
+        self.sizes, self.table, self.arrays = sizes, table, keep
+        self.written = [(lo, hi, label) for lo, _, hi, label in ranges]
+        starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        self.d_starts = cuda.to_device(starts)
+        self.d_table = None
+        self.grid = _blocks(int(starts[-1]), self.device) if starts[-1] else 1
+        self.dispatcher = segment_kernel_for(kernel, present)
+        self.grads = None
+        self.stream = 0
+        self.torch_stream = None
+        self.ready = False
+
+    def prepare(self, grads):
+        self.ready = False
+        if not isinstance(grads, (list, tuple)):
+            raise TypeError(f"{self.rule}: grad must be a list of {len(self.sizes)} arrays "
+                            f"(one per param), got {type(grads).__name__}")
+        if len(grads) != len(self.sizes):
+            raise ValueError(f"{self.rule}: grad has {len(grads)} arrays, param has "
+                             f"{len(self.sizes)}")
+        ptrs = []
+        stream = 0
+        for s, g in enumerate(grads):
+            label = f"grad[{self.labels[s]}]"
+            x, ptr, n, dt, desc = _describe(self.rule, label, g, False)
+            if dt != self.dtype:
+                raise TypeError(f"{self.rule}: {label} has dtype {dt}, param has dtype "
+                                f"{self.dtype}")
+            if n != self.sizes[s]:
+                raise ValueError(f"{self.rule}: {label} has {n} elements, param has "
+                                 f"{self.sizes[s]}")
+            if n:
+                hi = ptr + n * dt.itemsize
+                for lo, top, name in self.written:
+                    if ptr < top and lo < hi:
+                        raise ValueError(f"{self.rule}: {label} shares memory with {name}; "
+                                         "every buffer that is written must be distinct")
+            ptrs.append(ptr)
+            if s == 0 and not _is_torch(g):
+                stream = _stream_of(desc)
+        if grads and _is_torch(grads[0]):
+            if self.torch_stream is None:
+                import torch
+                self.torch_stream = torch.cuda.current_stream
+            handle = self.torch_stream(self.device).cuda_stream
+            stream = _external_stream(handle) if handle else 0
+        self.grads, self.stream, self.ready = ptrs, stream, True
+
+    def run(self, args, nthreads):
+        if not self.ready:
+            raise RuntimeError("run() without a successful prepare()")
+        self.ready = False
+        ptrs = np.asarray(self.grads, dtype=np.uint64)
+        if self.d_table is None or not np.array_equal(self.table[:, 1], ptrs):
+            self.table[:, 1] = ptrs
+            self.d_table = cuda.to_device(self.table)  # grads moved: a new table
+        if not self.sizes or sum(self.sizes) == 0:
+            return
+        k = self.coefs(M.plan_of(self.kernel, args), self.dtype.type)
+        self.dispatcher[self.grid, BLOCK_SIZE, self.stream](self.d_table, self.d_starts, k)
+
+    def step(self, grads, args, nthreads):
+        self.prepare(grads)
+        self.run(args, nthreads)
+
+
+def bind_many(kernel, params, buffers, labels=None):
+    """Arrays of one dtype on one GPU: one launch per step over a device segment
+    table (see SegmentBound)."""
+    return SegmentBound(kernel, params, buffers, labels)
+
+
+def run_segments(kernel, dtype, ptrs, lengths, args, nthreads=1, check=True):
+    """The CPU backends' ``run_segments`` for device addresses: the table is copied
+    to the device and one kernel is launched on the default stream."""
+    coefs, _, rule, names = M.RULES[kernel]
+    dtype = np.dtype(dtype)
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    ptrs = np.asarray(ptrs, dtype=np.uint64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if ptrs.ndim != 2 or ptrs.shape[1] != len(names):
+        raise ValueError(f"ptrs must have {len(names)} columns ({', '.join(names)}), got "
+                         f"shape {ptrs.shape}")
+    if lengths.shape != (ptrs.shape[0],):
+        raise ValueError(f"lengths has {lengths.shape[0]} entries, ptrs has "
+                         f"{ptrs.shape[0]} rows")
+    live = lengths > 0
+    if not live.any():
+        return
+    table = np.zeros((ptrs.shape[0], 5), dtype=np.uint64)
+    table[:, :ptrs.shape[1]] = ptrs
+    present = []
+    for slot in range(2, 5):
+        col = table[live, slot] != 0
+        if col.any() != col.all():
+            raise ValueError(f"{names[slot]} is present in some segments and absent in "
+                             "others")
+        present.append(bool(col.all()))
+    if check:
+        spans = sorted((int(table[s, slot]), int(s) * 5 + slot,
+                        int(table[s, slot]) + int(lengths[s]) * dtype.itemsize, slot,
+                        f"{names[slot]}[{s}]")
+                       for s in np.nonzero(live)[0] for slot in range(ptrs.shape[1])
+                       if table[s, slot])
+        reach_any = reach_written = 0
+        last_any = last_written = None
+        for lo, _, hi, slot, label in spans:
+            if lo < (reach_written if slot == 1 else reach_any):
+                other = last_written if slot == 1 else last_any
+                raise ValueError(f"{label} shares memory with {other}; every buffer that "
+                                 "is written must be distinct (pass a copy)")
+            if hi > reach_any:
+                reach_any, last_any = hi, label
+            if slot != 1 and hi > reach_written:
+                reach_written, last_written = hi, label
+    starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    k = coefs(M.plan_of(kernel, args), dtype.type)
+    segment_kernel_for(kernel, present)[_blocks(int(starts[-1]), 0), BLOCK_SIZE](
+        cuda.to_device(table), cuda.to_device(starts), k)
 
 
 def bind(kernel, param, buffers):
