@@ -17,8 +17,6 @@ The checks are Python's, before the compiled call: types, lengths, and overlap (
 written buffer may share memory with another buffer of the call).
 """
 
-import bisect
-
 import numba
 import numpy as np
 from llvmlite import ir
@@ -26,6 +24,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, register_jitable
 
 from fastopt.backends import _numba_math as M
+from fastopt.backends import _segments as S
 from fastopt.backends._host import as_array, copy_from_host, full, to_host  # noqa: F401
 from fastopt.backends._numba_lbfgs import (lbfgs_blocks, lbfgs_copy,  # noqa: F401
                                            lbfgs_curvature, lbfgs_direction, lbfgs_move)
@@ -38,7 +37,6 @@ PARALLEL_MIN = 32768
 ALIGN = 16
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_NSLOT = 5  # param, grad, three state buffers
 
 
 def max_threads():
@@ -173,8 +171,7 @@ def _execute(kernel, dtype, present, P, starts, args, nthreads):
 
 
 # --------------------------------------------------------------------------
-# Checks: written buffers' byte ranges, sorted; a gradient is found among them by
-# bisection.
+# Bound: checks in Python (fastopt/backends/_segments.py), then one compiled call.
 # --------------------------------------------------------------------------
 
 def _label(names, slot, seg, single, labels):
@@ -183,86 +180,49 @@ def _label(names, slot, seg, single, labels):
     return f"{names[slot]}[{seg if labels is None else labels[seg]}]"
 
 
-def _clash_message(a, b):
-    return (f"{a} shares memory with {b}; every buffer that is written must be distinct "
-            "(pass a copy)")
-
-
-def _sorted_written(ranges):
-    """``ranges``: (lo, order, hi, label) of written buffers, ``order`` = segment * 5
-    + slot (ties broken as the compiled engine does); sorted (lo, hi, label), or
-    ValueError."""
-    ranges = sorted(r for r in ranges if r[2] > r[0])
-    for (alo, _, ahi, na), (blo, _, bhi, nb) in zip(ranges, ranges[1:]):
-        if blo < ahi:
-            raise ValueError(_clash_message(nb, na))
-    return [(lo, hi, label) for lo, _, hi, label in ranges]
-
-
-def _check_read(written, starts, lo, hi, label):
-    k = bisect.bisect_left(starts, hi) - 1
-    if k >= 0 and hi > lo and written[k][1] > lo:
-        raise ValueError(_clash_message(label, written[k][2]))
-
-
 class Bound:
     """Arrays of one dtype and their state, bound once (as the compiled Bound):
     ``step(grads, args, nthreads)``, or ``prepare(grads)`` then ``run(args,
     nthreads)``. ``grads`` is one array (``single``) or one per param."""
 
     __slots__ = ("kernel", "names", "dtype", "present", "P", "starts", "sizes", "single",
-                 "labels", "written", "wstarts", "arrays", "ready")
+                 "labels", "written", "arrays", "ready")
 
     def __init__(self, kernel, params, buffers, single=False, labels=None):
         _, _, rule, names = M.RULES[kernel]
-        nbuf = len(names) - 2
-        params, buffers = list(params), [tuple(b) for b in buffers]
-        if len(params) == 0 or len(buffers) != len(params):
-            raise ValueError(f"{len(params)} params and {len(buffers)} buffer tuples")
         self.kernel, self.names, self.single, self.labels = kernel, names, single, labels
         lab = lambda slot, s: _label(names, slot, s, single, labels)  # noqa: E731
-        first = params[0]
+        params = list(params)
+        first = params[0] if params else None
         if not isinstance(first, np.ndarray) or first.dtype not in _DTYPES:
             raise TypeError(f"{lab(0, 0)} must be a float32 or float64 NumPy array, got "
                             f"{type(first).__name__}")
         dt = self.dtype = first.dtype
-        P = np.zeros((len(params), _NSLOT), dtype=np.uint64)
-        sizes, ranges, arrays, present = [], [], [], None
-        for s, (p, bufs) in enumerate(zip(params, buffers)):
-            bufs = bufs + (None,) * (nbuf - len(bufs))
-            pattern = tuple(b is not None for b in bufs) + (False,) * (3 - nbuf)
-            if present is None:
-                present = pattern
-            elif pattern != present:
-                raise ValueError(f"param {s} has state buffers {pattern}, param 0 has "
-                                 f"{present}; one call needs one set")
-            for slot, a in ((0, p),) + tuple((2 + j, b) for j, b in enumerate(bufs)):
-                if a is None:
-                    continue
-                if not isinstance(a, np.ndarray):
-                    raise TypeError(f"{lab(slot, s)} must be a NumPy array, got "
-                                    f"{type(a).__name__}")
-                if a.dtype != dt:
-                    raise TypeError(f"{lab(slot, s)} has dtype {a.dtype}, {lab(0, 0)} has "
-                                    f"dtype {dt}; they must match")
-                if not a.flags.c_contiguous:
-                    raise ValueError(f"{lab(slot, s)} must be C-contiguous")
-                if not a.flags.writeable:
-                    raise ValueError(f"{lab(slot, s)} is read-only; fastopt updates it in "
-                                     "place")
-                if slot == 0:
-                    sizes.append(a.size)
-                elif a.size != sizes[s]:
-                    raise ValueError(f"{lab(slot, s)} has {a.size} elements, {lab(0, s)} "
-                                     f"has {sizes[s]}")
-                addr = a.__array_interface__["data"][0]
-                P[s, slot] = addr
-                ranges.append((addr, s * _NSLOT + slot, addr + a.size * dt.itemsize,
-                               lab(slot, s)))
-                arrays.append(a)
-        self.present = present
-        self.written = _sorted_written(ranges)
-        self.wstarts = [r[0] for r in self.written]
+        P = np.zeros((len(params), S.NSLOT), dtype=np.uint64)
+        sizes, ranges, arrays = [], [], []
+        for s, slot, a in S.slots(params, buffers, len(names) - 2):
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"{lab(slot, s)} must be a NumPy array, got "
+                                f"{type(a).__name__}")
+            if a.dtype != dt:
+                raise TypeError(f"{lab(slot, s)} has dtype {a.dtype}, {lab(0, 0)} has "
+                                f"dtype {dt}; they must match")
+            if not a.flags.c_contiguous:
+                raise ValueError(f"{lab(slot, s)} must be C-contiguous")
+            if not a.flags.writeable:
+                raise ValueError(f"{lab(slot, s)} is read-only; fastopt updates it in place")
+            if slot == 0:
+                sizes.append(a.size)
+            elif a.size != sizes[s]:
+                raise ValueError(f"{lab(slot, s)} has {a.size} elements, {lab(0, s)} "
+                                 f"has {sizes[s]}")
+            addr = a.__array_interface__["data"][0]
+            P[s, slot] = addr
+            ranges.append((addr, s * S.NSLOT + slot, addr + a.size * dt.itemsize,
+                           lab(slot, s)))
+            arrays.append(a)
+        self.present = S.present_slots(P)
+        self.written = S.Written(ranges)
         self.P, self.sizes, self.arrays = P, sizes, arrays
         self.starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
         self.ready = False
@@ -282,8 +242,7 @@ class Bound:
                              f"{_label(self.names, 0, s, self.single, self.labels)} has "
                              f"{self.sizes[s]}")
         addr = g.__array_interface__["data"][0]
-        _check_read(self.written, self.wstarts, addr, addr + g.size * self.dtype.itemsize,
-                    label)
+        self.written.check_read(addr, addr + g.size * self.dtype.itemsize, label)
         self.P[s, 1] = addr
 
     def prepare(self, grads):
@@ -322,53 +281,13 @@ def bind_many(kernel, params, buffers, labels=None):
 
 def run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check=True):
     """The compiled backend's ``run_segments``: addresses the caller holds alive."""
-    _, _, rule, names = M.RULES[kernel]
+    names = M.RULES[kernel][3]
     dtype = np.dtype(dtype)
     if dtype not in _DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    ptrs = np.asarray(ptrs)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    nseg = ptrs.shape[0]
-    if ptrs.ndim != 2 or ptrs.shape[1] != len(names):
-        raise ValueError(f"ptrs must have {len(names)} columns ({', '.join(names)}), got "
-                         f"shape {ptrs.shape}")
-    if lengths.shape != (nseg,):
-        raise ValueError(f"lengths has {lengths.shape[0]} entries, ptrs has {nseg} rows")
-    if nseg == 0:
-        return
-    if (lengths < 0).any():
-        raise ValueError(f"lengths[{int(np.argmax(lengths < 0))}] is negative")
-    live = lengths > 0
-    P = np.zeros((nseg, _NSLOT), dtype=np.uint64)
-    P[:, :ptrs.shape[1]] = ptrs
-    present = []
-    for slot in range(2, _NSLOT):
-        col = P[live, slot] != 0
-        if col.any() != col.all():
-            raise ValueError(f"{names[slot]} is present in some segments and absent in "
-                             "others")
-        present.append(bool(col.all()) if live.any() else False)
-    for slot in (0, 1):
-        if (P[live, slot] == 0).any():
-            raise ValueError(f"{names[slot]} has a null pointer")
-    if check:
-        ranges, reads = [], []
-        for s in np.nonzero(live)[0]:
-            nbytes = int(lengths[s]) * dtype.itemsize
-            for slot in range(len(names)):
-                lo = int(P[s, slot])
-                if lo:
-                    if slot == 1:
-                        reads.append((lo, lo + nbytes, f"{names[slot]}[{s}]"))
-                    else:
-                        ranges.append((lo, s * _NSLOT + slot, lo + nbytes,
-                                       f"{names[slot]}[{s}]"))
-        written = _sorted_written(ranges)
-        wstarts = [r[0] for r in written]
-        for lo, hi, label in reads:
-            _check_read(written, wstarts, lo, hi, label)
-    starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
-    _execute(kernel, dtype, tuple(present), P, starts, tuple(args), nthreads)
+    table, starts, present = S.table_of(ptrs, lengths, names, dtype.itemsize, check)
+    if starts[-1] > 0:
+        _execute(kernel, dtype, present, table, starts, tuple(args), nthreads)
 
 
 def _call(kernel, nbuf, param, grad, *rest):

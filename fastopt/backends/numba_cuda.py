@@ -71,6 +71,7 @@ import numpy as np
 from numba import cuda
 
 from fastopt.backends import _numba_math as M
+from fastopt.backends import _segments as S
 from fastopt.rules import KERNELS
 
 NAME = "cuda"
@@ -693,62 +694,49 @@ class SegmentBound:
 
     def __init__(self, kernel, params, buffers, labels=None):
         coefs, _, rule, names = M.RULES[kernel]
-        nbuf = len(names) - 2
         self.kernel, self.rule, self.names, self.coefs = kernel, rule, names, coefs
+        params = list(params)
         self.labels = list(range(len(params))) if labels is None else list(labels)
         lab = lambda slot, s: f"{names[slot]}[{self.labels[s]}]"  # noqa: E731
-        params, buffers = list(params), [tuple(b) + (None,) * (nbuf - len(b)) for b in buffers]
-        if not params or len(buffers) != len(params):
-            raise ValueError(f"{len(params)} params and {len(buffers)} buffer tuples")
-        table = np.zeros((len(params), 5), dtype=np.uint64)
-        sizes, ranges, keep, present, dt, dev = [], [], [], None, None, None
-        for s, (p, bufs) in enumerate(zip(params, buffers)):
-            pattern = tuple(b is not None for b in bufs) + (False,) * (3 - nbuf)
-            if present is None:
-                present = pattern
-            elif pattern != present:
-                raise ValueError(f"param {s} has state buffers {pattern}, param 0 has "
-                                 f"{present}; one call needs one set")
-            for slot, a in ((0, p),) + tuple((2 + j, b) for j, b in enumerate(bufs)):
-                if a is None:
-                    continue
-                x, ptr, n, adt, _ = _describe(rule, lab(slot, s), a, True)
-                if dt is None:
-                    if adt not in _DTYPES:
-                        raise TypeError(f"{rule}: {lab(slot, s)} must be float32 or "
-                                        f"float64, got {adt}")
-                    dt = adt
-                elif adt != dt:
-                    raise TypeError(f"{rule}: {lab(slot, s)} has dtype {adt}, {lab(0, 0)} "
-                                    f"has dtype {dt}; they must match")
-                if slot == 0:
-                    sizes.append(n)
-                elif n != sizes[s]:
-                    raise ValueError(f"{rule}: {lab(slot, s)} has {n} elements, "
-                                     f"{lab(0, s)} has {sizes[s]}")
-                if n:
-                    d = _device_of(x, ptr)
-                    if dev is None:
-                        dev = d
-                    elif d != dev:
-                        raise ValueError(f"{rule}: {lab(slot, s)} is on GPU {d}, "
-                                         f"{lab(0, 0)} is on GPU {dev}")
-                    ranges.append((ptr, s * 5 + slot, ptr + n * adt.itemsize, lab(slot, s)))
-                table[s, slot] = ptr
-                keep.append(x)
-        ranges.sort()
-        for (alo, _, ahi, na), (blo, _, bhi, nb) in zip(ranges, ranges[1:]):
-            if blo < ahi:
-                raise ValueError(f"{rule}: {nb} shares memory with {na}; every buffer that "
-                                 "is written must be distinct (pass a copy)")
-        self.dtype, self.device, self.present = dt, dev or 0, present
+        table = np.zeros((len(params), S.NSLOT), dtype=np.uint64)
+        sizes, ranges, keep, dt, dev = [], [], [], None, None
+        for s, slot, a in S.slots(params, buffers, len(names) - 2):
+            x, ptr, n, adt, _ = _describe(rule, lab(slot, s), a, True)
+            if dt is None:
+                if adt not in _DTYPES:
+                    raise TypeError(f"{rule}: {lab(slot, s)} must be float32 or float64, "
+                                    f"got {adt}")
+                dt = adt
+            elif adt != dt:
+                raise TypeError(f"{rule}: {lab(slot, s)} has dtype {adt}, {lab(0, 0)} has "
+                                f"dtype {dt}; they must match")
+            if slot == 0:
+                sizes.append(n)
+            elif n != sizes[s]:
+                raise ValueError(f"{rule}: {lab(slot, s)} has {n} elements, {lab(0, s)} "
+                                 f"has {sizes[s]}")
+            if n:
+                d = _device_of(x, ptr)
+                if dev is None:
+                    dev = d
+                elif d != dev:
+                    raise ValueError(f"{rule}: {lab(slot, s)} is on GPU {d}, {lab(0, 0)} "
+                                     f"is on GPU {dev}")
+                ranges.append((ptr, s * S.NSLOT + slot, ptr + n * adt.itemsize,
+                               lab(slot, s)))
+            table[s, slot] = ptr
+            keep.append(x)
+        try:
+            self.written = S.Written(ranges)
+        except ValueError as exc:
+            raise ValueError(f"{rule}: {exc}") from None
+        self.dtype, self.device, self.present = dt, dev or 0, S.present_slots(table)
         self.sizes, self.table, self.arrays = sizes, table, keep
-        self.written = [(lo, hi, label) for lo, _, hi, label in ranges]
         starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
         self.d_starts = cuda.to_device(starts)
         self.d_table = None
         self.grid = _blocks(int(starts[-1]), self.device) if starts[-1] else 1
-        self.dispatcher = segment_kernel_for(kernel, present)
+        self.dispatcher = segment_kernel_for(kernel, self.present)
         self.grads = None
         self.stream = 0
         self.torch_stream = None
@@ -773,12 +761,10 @@ class SegmentBound:
             if n != self.sizes[s]:
                 raise ValueError(f"{self.rule}: {label} has {n} elements, param has "
                                  f"{self.sizes[s]}")
-            if n:
-                hi = ptr + n * dt.itemsize
-                for lo, top, name in self.written:
-                    if ptr < top and lo < hi:
-                        raise ValueError(f"{self.rule}: {label} shares memory with {name}; "
-                                         "every buffer that is written must be distinct")
+            try:
+                self.written.check_read(ptr, ptr + n * dt.itemsize, label)
+            except ValueError as exc:
+                raise ValueError(f"{self.rule}: {exc}") from None
             ptrs.append(ptr)
             if s == 0 and not _is_torch(g):
                 stream = _stream_of(desc)
@@ -821,44 +807,9 @@ def run_segments(kernel, dtype, ptrs, lengths, args, nthreads=1, check=True):
     dtype = np.dtype(dtype)
     if dtype not in _DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    ptrs = np.asarray(ptrs, dtype=np.uint64)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if ptrs.ndim != 2 or ptrs.shape[1] != len(names):
-        raise ValueError(f"ptrs must have {len(names)} columns ({', '.join(names)}), got "
-                         f"shape {ptrs.shape}")
-    if lengths.shape != (ptrs.shape[0],):
-        raise ValueError(f"lengths has {lengths.shape[0]} entries, ptrs has "
-                         f"{ptrs.shape[0]} rows")
-    live = lengths > 0
-    if not live.any():
+    table, starts, present = S.table_of(ptrs, lengths, names, dtype.itemsize, check)
+    if starts[-1] == 0:
         return
-    table = np.zeros((ptrs.shape[0], 5), dtype=np.uint64)
-    table[:, :ptrs.shape[1]] = ptrs
-    present = []
-    for slot in range(2, 5):
-        col = table[live, slot] != 0
-        if col.any() != col.all():
-            raise ValueError(f"{names[slot]} is present in some segments and absent in "
-                             "others")
-        present.append(bool(col.all()))
-    if check:
-        spans = sorted((int(table[s, slot]), int(s) * 5 + slot,
-                        int(table[s, slot]) + int(lengths[s]) * dtype.itemsize, slot,
-                        f"{names[slot]}[{s}]")
-                       for s in np.nonzero(live)[0] for slot in range(ptrs.shape[1])
-                       if table[s, slot])
-        reach_any = reach_written = 0
-        last_any = last_written = None
-        for lo, _, hi, slot, label in spans:
-            if lo < (reach_written if slot == 1 else reach_any):
-                other = last_written if slot == 1 else last_any
-                raise ValueError(f"{label} shares memory with {other}; every buffer that "
-                                 "is written must be distinct (pass a copy)")
-            if hi > reach_any:
-                reach_any, last_any = hi, label
-            if slot != 1 and hi > reach_written:
-                reach_written, last_written = hi, label
-    starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
     k = coefs(M.plan_of(kernel, args), dtype.type)
     segment_kernel_for(kernel, present)[_blocks(int(starts[-1]), 0), BLOCK_SIZE](
         cuda.to_device(table), cuda.to_device(starts), k)
