@@ -1,5 +1,5 @@
 """Every rule × every flag combination × both dtypes × odd lengths × 100 steps
-against the NumPy transcription of RULES.md (tests/reference.py), on every backend.
+against the NumPy transcription of the rules (fastopt/reference.py), on every backend.
 
 The kernels evaluate each element in the reference's operation order, so the
 expected deviation is zero; the tolerances (float64 1e-12, float32 1e-5 relative
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastopt
-import reference
+from fastopt import reference
 from cases import case_id, combos, grads, initial_param
 from conftest import record
 from fastopt.rules import RULES
