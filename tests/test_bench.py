@@ -449,3 +449,28 @@ def test_lbfgs_scenario(tmp_path):
     assert "closure excluded" in (tmp_path / "lb.md").read_text()
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--lbfgs-cases", "1e6"])
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_numpy_peer_is_the_reference(rule):
+    """The NumPy peer runs fastopt.reference over blocks: over several blocks (and a
+    ragged last one) it gives the unblocked reference's result to the last bit."""
+    from fastopt import reference
+    n = 2 * P.ReferenceStep.BLOCK + 37
+    rng = np.random.default_rng(3)
+    for variant in VARIANTS[rule]:
+        hp = config.hyperparameters(rule, variant)
+        p0 = rng.standard_normal(n).astype(np.float32)
+        g = np.empty_like(p0)
+        p = p0.copy()
+        step, peer = P.make_step("numpy", rule, hp, p, g)
+        ref_p, ref_state = p0.copy(), reference.initial_state(rule, hp, n, np.float32)
+        ref_scalars = reference.initial_scalars(rule, hp)
+        for t in range(1, 13):
+            g[:] = rng.standard_normal(n)
+            step()
+            reference.step(rule, ref_p, g, ref_state, ref_scalars, hp, t)
+        np.testing.assert_array_equal(p, ref_p)
+        assert peer.scalars == ref_scalars and peer.state.keys() == ref_state.keys()
+        for k in ref_state:
+            np.testing.assert_array_equal(peer.state[k], ref_state[k])

@@ -8,7 +8,7 @@ callable that updates ``param`` in place, or says why it cannot:
 * ``fastopt_kernel`` the compiled kernel called directly with the plan's scalars
                      (no Python layer: the overhead scenario's floor)
 * ``numpy``          ``fastopt.reference``, the plain NumPy transcription of the rule
-                     the tests check every backend against
+                     the tests check every backend against, run over cache-sized blocks
 * ``torch_default`` / ``torch_foreach_false`` / ``torch_foreach`` / ``torch_fused``
                      ``torch.optim.<Rule>`` with its default implementation choice,
                      ``foreach=False``/``True``, and ``fused=True`` (where torch has a
@@ -58,16 +58,29 @@ def _import(name):
 
 
 class ReferenceStep:
-    """The NumPy peer: ``fastopt.reference`` with state it owns."""
+    """The NumPy peer: ``fastopt.reference`` with state it owns, run over blocks of
+    ``BLOCK`` elements (strip-mining, as numexpr does): the plain expressions'
+    temporaries then stay in cache instead of costing a fresh multi-MB allocation
+    each. The rules are element-wise, so the blocks give the unblocked result to the
+    last bit; each block starts from the step's scalars (NAdam's and ASGD's), which
+    every block advances alike."""
+
+    BLOCK = 1 << 16
 
     def __init__(self, rule, hp, param, grad):
-        self.name, self.hp, self.p, self.g, self.t = rule.name, hp, param, grad, 0
+        self.name, self.hp, self.t = rule.name, hp, 0
         self.state = reference.initial_state(rule.name, hp, param.shape[0], param.dtype)
         self.scalars = reference.initial_scalars(rule.name, hp)
+        self.blocks = [(param[lo:lo + self.BLOCK], grad[lo:lo + self.BLOCK],
+                        {k: v[lo:lo + self.BLOCK] for k, v in self.state.items()})
+                       for lo in range(0, max(param.shape[0], 1), self.BLOCK)]
 
     def __call__(self):
         self.t += 1
-        reference.step(self.name, self.p, self.g, self.state, self.scalars, self.hp, self.t)
+        for p, g, state in self.blocks:
+            scalars = dict(self.scalars)
+            reference.step(self.name, p, g, state, scalars, self.hp, self.t)
+        self.scalars = scalars
 
 
 class KernelStep:

@@ -174,21 +174,11 @@ def markdown(doc) -> str:
         out += ["Skipped for memory: " + "; ".join(
             f"{c['rule']} {c['dtype']} n={fmt_n(c['n'])} ({c['skipped']})" for c in skipped), ""]
 
-    sc = doc.get("scenarios", {})
-    if "overhead" in sc:
-        out += _overhead_md(sc["overhead"])
-    if "model" in sc:
-        out += _model_md(sc["model"])
-    if "threads" in sc:
-        out += _threads_md(sc["threads"])
-    if "denormal" in sc:
-        out += _denormal_md(sc["denormal"])
-    if "lists" in sc:
-        out += _lists_md(sc["lists"])
-    if "torch_model" in sc:
-        out += _torch_model_md(sc["torch_model"])
-    if "lbfgs" in sc:
-        out += _lbfgs_md(sc["lbfgs"])
+    for name, (title, section) in SECTIONS.items():
+        sc = doc.get("scenarios", {}).get(name)
+        if sc is not None:
+            out += [f"## {title}", "", f"error: {sc['error']}", ""] if "error" in sc \
+                else section(sc)
     if gpu:
         out.append(f"Elapsed: {doc.get('elapsed_s', 0):.1f} s. Median of "
                    f"{doc['config']['repeats']} interleaved bursts per peer after warm-up.")
@@ -223,13 +213,7 @@ def preemption_counts(doc):
     return retaken, kept
 
 
-def _error_md(name, sc):
-    return [f"## {name}", "", f"error: {sc['error']}", ""]
-
-
 def _overhead_md(sc):
-    if "error" in sc:
-        return _error_md("Per-call overhead", sc)
     rows = sc["cases"]
     peers = _peers_present(rows)
     out = ["## Per-call overhead on tiny buffers (time per step)", ""]
@@ -250,8 +234,6 @@ def _overhead_md(sc):
 
 
 def _model_md(sc):
-    if "error" in sc:
-        return _error_md("Multi-tensor model", sc)
     rows = sc["cases"]
     peers = _peers_present(rows)
     out = ["## Multi-tensor model: one FlatParams call vs torch.optim over the tensors "
@@ -268,8 +250,6 @@ def _model_md(sc):
 
 
 def _torch_model_md(sc):
-    if "error" in sc:
-        return _error_md("torch model", sc)
     if not sc.get("cases"):
         return ["## torch model", "", sc.get("skipped", "no cases"), ""]
     rows = sc["cases"]
@@ -304,7 +284,7 @@ def _training_md(tr):
     if not tr:
         return []
     if "error" in tr:
-        return _error_md("Training iteration", tr)
+        return ["### One training iteration", "", f"error: {tr['error']}", ""]
     res = tr["results"]
     out = [f"### One training iteration of a {tr['model']} ({fmt_n(tr['n'])} parameters, "
            f"{tr['tensors']} tensors; batch {tr['batch']} × {tr['context']} bytes of the Python "
@@ -322,8 +302,6 @@ def _training_md(tr):
 
 
 def _lists_md(sc):
-    if "error" in sc:
-        return _error_md("List of arrays", sc)
     rows = sc["cases"]
     peers = _peers_present(rows, drop_missing=False)
     out = ["## A list of arrays in one call: `fastopt.Adam([w1, b1, ...])` "
@@ -341,8 +319,6 @@ def _lists_md(sc):
 
 
 def _threads_md(sc):
-    if "error" in sc:
-        return _error_md("Thread scaling", sc)
     rows = sc["cases"]
     peers = _peers_present(rows)
     out = ["## Thread scaling (Adam, float32)", ""]
@@ -362,8 +338,6 @@ def _threads_md(sc):
 
 
 def _denormal_md(sc):
-    if "error" in sc:
-        return _error_md("Subnormal state", sc)
     out = ["## Subnormal state (Adam): time per step with normal vs subnormal values", ""]
     table = []
     for r in sc["cases"]:
@@ -386,8 +360,6 @@ def _denormal_md(sc):
 
 
 def _lbfgs_md(sc):
-    if "error" in sc:
-        return _error_md("L-BFGS: one iteration", sc)
     names = {"fastopt": "fastopt.LBFGS", "torch": "torch.optim.LBFGS",
              "scipy": "SciPy L-BFGS-B (mean, float64)"}
     out = ["## L-BFGS: time per iteration, closure excluded "
@@ -418,6 +390,15 @@ def _lbfgs_md(sc):
             f"n={fmt_n(s['n'])} history={s['history']} ({s['reason']})"
             for s in sc["skipped"]), ""]
     return out
+
+
+SECTIONS = {"overhead": ("Per-call overhead", _overhead_md),
+            "model": ("Multi-tensor model", _model_md),
+            "threads": ("Thread scaling", _threads_md),
+            "denormal": ("Subnormal state", _denormal_md),
+            "lists": ("A list of arrays", _lists_md),
+            "torch_model": ("torch model", _torch_model_md),
+            "lbfgs": ("L-BFGS: one iteration", _lbfgs_md)}
 
 
 # ---------------------------------------------------------------------------

@@ -127,8 +127,12 @@ def scenario_torch_model(cfg, nthreads, roofs, rng):
                      "speedup": speedups(results, base="fastopt_torch")})
         del steps, holders
         gc.collect()
-    return {"cases": rows, "host_per_tensor": _host_per_tensor(cfg, rng),
-            "training": training(cfg, rng)}
+    out = {"cases": rows, "host_per_tensor": _host_per_tensor(cfg, rng)}
+    try:
+        out["training"] = training(cfg, rng)
+    except Exception as exc:  # report, keep the step figures
+        out["training"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
 
 
 # ---------------------------------------------------------------------------
