@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+import fastopt
 from fastopt.bench.config import BENCH_HYPERS, hp_json, hyperparameters
 from fastopt.bench.grid import apply_roof, finish_document, new_document
 from fastopt.bench.machine import available_memory, machine_info, too_big
@@ -167,7 +168,6 @@ def measure_copy(dev, nbytes: int, repeats: int = 7) -> dict:
 def make_gpu_step(torch, peer, rule, hp, param, grad):
     """(step, holder) for one peer on torch CUDA tensors ``param``/``grad``."""
     if peer == "fastopt":
-        import fastopt
         opt = getattr(fastopt, rule.name)(param, **hp)
         step = opt.step
         return (lambda: step(grad)), opt
@@ -182,7 +182,6 @@ def make_gpu_model_step(dev, peer, rule, hp, shapes, gen):
     torch = dev.torch
     tensors = [torch.rand(s, generator=gen, device=dev.kind) - 0.5 for s in shapes]
     if peer == "fastopt":
-        import fastopt
         flat = fastopt.FlatParams(tensors)
         torch.as_tensor(flat.grad).uniform_(-1e-2, 1e-2, generator=gen)  # in place
         opt = getattr(fastopt, rule.name)(flat, **hp)

@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+import fastopt
 from fastopt.bench import lbfgs
 from fastopt.bench import roof as roof_mod
 from fastopt.bench import scenarios as S
@@ -102,7 +103,6 @@ def run_case(rule_name, dtype, n, nthreads, cfg: Config, roof_gbps, rng) -> dict
 
 def run(cfg: Config, argv=None) -> dict:
     """Runs everything ``cfg`` selects and returns the result document (the JSON)."""
-    import fastopt
     t_start = time.monotonic()
     rng = np.random.default_rng(cfg.seed)
     threads = cfg.threads or [fastopt.get_num_threads()]

@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+import fastopt
+from fastopt.backends._host import full
 from fastopt.bench.machine import set_threads, too_big
 from fastopt.bench.timing import time_interleaved
 
@@ -84,8 +86,6 @@ class _Problem:
 
 
 def _fastopt_step(prob, hp, sd, backend):
-    import fastopt
-    from fastopt.backends._host import full
     x = full(prob.n, prob.dtype, 0)
     x[:] = prob.x0
     g = full(prob.n, prob.dtype, 0)

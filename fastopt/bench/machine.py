@@ -7,6 +7,9 @@ import platform
 
 import numpy as np
 
+import fastopt
+from fastopt import backends
+
 
 def _read(path) -> str | None:
     try:
@@ -79,7 +82,6 @@ def usable_cpus() -> int:
 
 
 def set_threads(n: int) -> None:
-    import fastopt
     fastopt.set_num_threads(n)
     try:
         import torch
@@ -103,8 +105,6 @@ def _version(mod_name):
 
 
 def machine_info() -> dict:
-    import fastopt
-    from fastopt import backends
     flags = set((_cpuinfo("flags") or "").split())
     info = {
         "cpu_model": _cpuinfo("model name") or platform.processor() or platform.machine(),

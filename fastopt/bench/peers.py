@@ -27,7 +27,9 @@ import inspect
 
 import numpy as np
 
-from fastopt import reference
+import fastopt
+from fastopt import backends, reference
+from fastopt.backends._host import full
 from fastopt.bench.config import LABELS
 from fastopt.rules import get_rule
 
@@ -42,7 +44,6 @@ class NotApplicable(Exception):
 
 def random_array(n, dtype, rng, lo=-1.0, hi=1.0):
     """A 64-byte-aligned array of uniform values in [lo, hi)."""
-    from fastopt.backends._host import full
     a = full(n, dtype, 0)
     rng.random(out=a, dtype=a.dtype.type)
     a *= (hi - lo)
@@ -88,7 +89,6 @@ class KernelStep:
 
     def __init__(self, rule, hp, param, grad, nthreads):
         from fastopt.backends import compiled
-        from fastopt.backends._host import full
         n, dt = param.shape[0], param.dtype
         self.rule, self.hp, self.p, self.g, self.nthreads, self.t = rule, hp, param, grad, \
             nthreads, 0
@@ -107,7 +107,6 @@ class KernelStep:
 
 def peer_status(name):
     """('ok', version) or ('missing', why) for a peer, without running anything."""
-    from fastopt import backends
     try:
         if name in ("fastopt", "fastopt_kernel"):
             if not backends.available("cython"):
@@ -180,7 +179,6 @@ def make_step(peer, rule_name, hp, param, grad, nthreads=None):
     state. Raises Missing / NotApplicable."""
     rule = get_rule(rule_name)
     if peer in ("fastopt", "fastopt_numba"):
-        import fastopt
         st = peer_status(peer)
         if st[0] != "ok":
             raise Missing(st[1])
@@ -189,7 +187,6 @@ def make_step(peer, rule_name, hp, param, grad, nthreads=None):
         step = opt.step
         return (lambda: step(grad)), opt
     if peer == "fastopt_kernel":
-        import fastopt
         nt = nthreads if nthreads is not None else fastopt.get_num_threads()
         stepper = KernelStep(rule, hp, param, grad, nt)
         return stepper, stepper

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+import fastopt
 from fastopt.bench import roof as roof_mod
 from fastopt.bench.config import hyperparameters
 from fastopt.bench.machine import prestep_threshold, set_threads, usable_cpus
@@ -104,7 +105,6 @@ def _loop_time(fn, inner=20000, repeats=5):
 def overhead_breakdown(nthreads) -> dict:
     """Where the microseconds of one ``fastopt.Adam(...).step(g)`` on a 1-element
     float32 buffer go: the Python-level plan, the compiled entry point, the rest."""
-    import fastopt
     from fastopt.backends import compiled
     rule, hp = get_rule("Adam"), hyperparameters("Adam")
     p, m, v = (np.zeros(1, np.float32) for _ in range(3))
@@ -175,7 +175,6 @@ def model_cases(cfg, make_steps, time_steps):
 
 
 def scenario_model(cfg, nthreads, roofs, rng):
-    import fastopt
     hp = hyperparameters("Adam")
     peers = [p for p in MODEL_PEERS if p in cfg.peers or p == "torch_fused_flat"]
     if cfg.mode == "quick":
@@ -210,7 +209,6 @@ LIST_PEERS = ("fastopt_list", "fastopt_flat", "fastopt", "torch_fused")
 
 def _list_step(peer, hp, arrays, grads):
     """(step, its parameter arrays) of one peer over its own copy of ``arrays``."""
-    import fastopt
     ps, gs = [a.copy() for a in arrays], [g.copy() for g in grads]
     if peer == "fastopt_list":
         try:
