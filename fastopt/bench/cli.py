@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "run. Writes a Markdown table to stdout, and JSON + PNG to --out.")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="a useful subset in under a minute (the default): Adam, "
+                      help="a useful subset in a few minutes (the default): Adam, "
                            "SGD(momentum=0.9), Adagrad; float32; 1e3, 1e5, 1e6, 1.6e7; "
                            "all scenarios")
     mode.add_argument("--full", action="store_true",

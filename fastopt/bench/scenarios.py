@@ -214,7 +214,7 @@ def _list_step(peer, hp, arrays, grads):
         try:
             opt = fastopt.Adam(ps, **hp)
         except TypeError as exc:
-            raise Missing(f"fastopt.Adam takes no list of arrays in this version ({exc})") \
+            raise Missing(f"fastopt.Adam takes no list of arrays in this version: {exc}") \
                 from None
         step = opt.step
         return (lambda: step(gs)), ps
