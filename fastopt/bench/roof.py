@@ -32,29 +32,21 @@ def _module():
 def measure(nthreads: int, dtype="float32", repeats: int = 9,
             bytes_per_array: int = ROOF_BYTES_PER_ARRAY) -> dict:
     """Median GB/s of triad and axpy over arrays of ``bytes_per_array`` each."""
-    mod = _module()
-    dt = np.dtype(dtype)
-    n = bytes_per_array // dt.itemsize
-    a = np.ones(n, dt)     # pages touched before timing
-    b = np.full(n, 0.5, dt)
-    c = np.full(n, 0.25, dt)
-    out = {"threads": nthreads, "dtype": dt.name, "n": int(n)}
-    kernels = {"triad": (lambda: mod.triad(a, b, c, 1.0, nthreads), 4),
-               "axpy": (lambda: mod.axpy(a, c, 1e-6, nthreads), 3)}
-    t = time_interleaved({k: v[0] for k, v in kernels.items()}, repeats=repeats, warmup=1,
-                         target_sample_s=0.0, prestep_below_s=0.0)
-    for name, (_, streams) in kernels.items():
-        res = t[name]
-        med = res["median_s"]
-        nbytes = streams * dt.itemsize * n
-        out[name] = {"median_s": med, "samples_s": res["samples_s"],
+    probe = Probe(dtype, nthreads, bytes_per_array)
+    t = time_interleaved(probe.steps(), repeats=repeats, warmup=1, target_sample_s=0.0,
+                         prestep_below_s=0.0)
+    isz, n = probe.dt.itemsize, probe.n
+    out = {"threads": nthreads, "dtype": probe.dt.name, "n": int(n)}
+    for name, streams in (("triad", 4), ("axpy", 3)):
+        res = t[f"roof:{name}"]
+        out[name] = {"median_s": res["median_s"], "samples_s": res["samples_s"],
                      "preempted_retaken": res["preempted_retaken"],
                      "preempted_kept": res["preempted_kept"],
-                     "bytes_per_element": streams * dt.itemsize, "gbps": nbytes / med / 1e9}
-    out["triad"]["gbps_stream_convention"] = 3 * dt.itemsize * n / out["triad"]["median_s"] / 1e9
+                     "bytes_per_element": streams * isz,
+                     "gbps": streams * isz * n / res["median_s"] / 1e9}
+    out["triad"]["gbps_stream_convention"] = 3 * isz * n / out["triad"]["median_s"] / 1e9
     out["gbps"] = max(out["triad"]["gbps"], out["axpy"]["gbps"])
     out["roof_kernel"] = "triad" if out["triad"]["gbps"] >= out["axpy"]["gbps"] else "axpy"
-    del a, b, c
     return out
 
 
