@@ -10,7 +10,7 @@ Everything after the script name is passed to ``fastopt bench`` (see
 import os
 import sys
 
-from fastopt.bench.runner import main
+from fastopt.bench.cli import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
-        from fastopt.bench.runner import main as bench_main
+        from fastopt.bench.cli import main as bench_main
         return bench_main(rest)
     if cmd == "demo":
         from fastopt.demo import main as demo_main

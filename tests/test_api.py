@@ -623,7 +623,7 @@ def test_flat_params_errors():
 
 @pytest.mark.parametrize("n", [7, 100003])  # serial path and OpenMP workers
 def test_flush_denormals_and_caller_state(n):
-    import reference
+    from fastopt import reference
     tiny = np.float32(1e-39)  # subnormal in float32
     g = np.full(n, tiny, F32)
     assert fastopt.get_flush_denormals() is True

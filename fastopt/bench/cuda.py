@@ -14,7 +14,7 @@ peers interleaved, the median of ``--repeats`` bursts. The host cost of a step
 at small sizes it is what a step costs. The roof is a device-to-device copy
 (read + write) at the start and end of the run; the higher is used. The
 document has the CPU benchmark's layout, so ``report`` writes its Markdown,
-JSON and PNG.
+JSON and PNG; the document, the roof and the model scenario are the CPU run's.
 
 Without a GPU (or under Numba's simulator) the command exits with status 1
 and one line on stderr.
@@ -22,7 +22,6 @@ and one line on stderr.
 
 from __future__ import annotations
 
-import datetime as _dt
 import gc
 import statistics
 import sys
@@ -30,9 +29,14 @@ import time
 
 import numpy as np
 
-from fastopt.bench import peers as P
-from fastopt.bench.runner import (BENCH_HYPERS, _hp_json, build_steps, machine_info,
-                                  merge_timings, speedups, write_outputs)
+import fastopt
+from fastopt.bench.config import BENCH_HYPERS, hp_json, hyperparameters
+from fastopt.bench.grid import apply_roof, finish_document, new_document
+from fastopt.bench.machine import available_memory, machine_info, too_big
+from fastopt.bench.peers import build_steps, torch_optimizer
+from fastopt.bench.scenarios import model_cases
+from fastopt.bench.timing import merge_timings, speedups
+from fastopt.rules import get_rule
 
 GPU_SIZES = (1_000, 10_000, 100_000, 1_000_000, 2 ** 24, 2 ** 26, 2 ** 28)
 GPU_RULES = ("Adam", "AdamW", "SGD", "Adagrad")
@@ -88,7 +92,6 @@ class Device:
     def free_bytes(self):
         if self.kind == "cuda":
             return self.torch.cuda.mem_get_info()[0]
-        from fastopt.bench.runner import available_memory
         return available_memory()
 
     def release(self):
@@ -162,30 +165,15 @@ def measure_copy(dev, nbytes: int, repeats: int = 7) -> dict:
 # Peers on the GPU
 # ---------------------------------------------------------------------------
 
-def _torch_opt(torch, peer, rule, hp, params):
-    if not rule.in_torch or not hasattr(torch.optim, rule.name):
-        raise P.NotApplicable(f"torch.optim has no {rule.name}")
-    cls = getattr(torch.optim, rule.name)
-    kw = P._torch_kwargs(cls, hp)
-    kw["fused" if peer == "torch_fused" else "foreach"] = True
-    try:
-        return cls(params, **kw)
-    except (RuntimeError, ValueError) as exc:
-        raise P.NotApplicable(f"torch.optim.{rule.name}({peer[6:]}=True): {exc}") from None
-
-
 def make_gpu_step(torch, peer, rule, hp, param, grad):
     """(step, holder) for one peer on torch CUDA tensors ``param``/``grad``."""
     if peer == "fastopt":
-        import fastopt
         opt = getattr(fastopt, rule.name)(param, **hp)
         step = opt.step
         return (lambda: step(grad)), opt
-    if peer in ("torch_fused", "torch_foreach"):
-        param.grad = grad
-        opt = _torch_opt(torch, peer, rule, hp, [param])
-        return opt.step, opt
-    raise ValueError(f"unknown peer {peer!r}")
+    param.grad = grad
+    opt = torch_optimizer(peer, rule, hp, [param])
+    return opt.step, opt
 
 
 def make_gpu_model_step(dev, peer, rule, hp, shapes, gen):
@@ -194,7 +182,6 @@ def make_gpu_model_step(dev, peer, rule, hp, shapes, gen):
     torch = dev.torch
     tensors = [torch.rand(s, generator=gen, device=dev.kind) - 0.5 for s in shapes]
     if peer == "fastopt":
-        import fastopt
         flat = fastopt.FlatParams(tensors)
         torch.as_tensor(flat.grad).uniform_(-1e-2, 1e-2, generator=gen)  # in place
         opt = getattr(fastopt, rule.name)(flat, **hp)
@@ -202,7 +189,7 @@ def make_gpu_model_step(dev, peer, rule, hp, shapes, gen):
         return (lambda: step(g)), (opt, flat)
     for t in tensors:
         t.grad = (torch.rand(t.shape, generator=gen, device=dev.kind) - 0.5) * 2e-2
-    opt = _torch_opt(torch, peer, rule, hp, tensors)
+    opt = torch_optimizer(peer, rule, hp, tensors)
     return opt.step, opt
 
 
@@ -229,22 +216,12 @@ def gpu_info(torch) -> dict:
 
 
 def run_gpu(dev, cfg, argv) -> dict:
-    from fastopt.bench import scenarios as S
-    from fastopt.rules import get_rule
     torch = dev.torch
     t_start = time.monotonic()
     gen = torch.Generator(device=dev.kind)
     gen.manual_seed(cfg.seed)
-    doc = {"schema": "fastopt-bench/1", "device": dev.kind,
-           "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "command": ["fastopt", "bench"] + list(argv),
-           "config": {"mode": cfg.mode, "rules": cfg.rules, "dtypes": cfg.dtypes,
-                      "sizes": cfg.sizes, "peers": list(GPU_PEERS), "repeats": cfg.repeats,
-                      "warmup": cfg.warmup, "target_sample_s": cfg.target_sample_s},
-           "machine": {**machine_info(), **gpu_info(torch)},
-           "peers": {p: {"status": "ok", "version": torch.__version__,
-                         "label": GPU_LABELS[p]} for p in GPU_PEERS},
-           "roof": [], "cases": [], "scenarios": {}}
+    doc = new_document(cfg, argv, GPU_PEERS, {**machine_info(), **gpu_info(torch)},
+                       device=dev.kind)
 
     def roof(phase):
         r = measure_copy(dev, min(cfg.roof_bytes_per_array, dev.free_bytes() // 4))
@@ -252,22 +229,24 @@ def run_gpu(dev, cfg, argv) -> dict:
         doc["roof"].append(r)
         return r["gbps"]
 
+    def timed(steps):
+        return time_gpu(dev, steps, repeats=cfg.repeats, warmup=cfg.warmup,
+                        target_sample_s=cfg.target_sample_s)
+
     best = roof("start")
     for d in cfg.dtypes:
-        dt = getattr(torch, d)
-        itemsize = np.dtype(d).itemsize
+        dt, itemsize = getattr(torch, d), np.dtype(d).itemsize
         for r in cfg.rules:
             rule = get_rule(r)
-            hp = P.hyperparameters(r, cfg.hypers.get(r))
+            hp = hyperparameters(r, cfg.hypers.get(r))
             bpe = rule.bytes_per_element(hp, itemsize)
             for n in cfg.sizes:
                 case = {"rule": r, "dtype": d, "n": int(n), "threads": 1,
-                        "hyperparameters": _hp_json(hp), "bytes_per_element": bpe}
+                        "hyperparameters": hp_json(hp), "bytes_per_element": bpe}
                 need = n * itemsize * (2 + len(GPU_PEERS) * len(rule.needed_buffers(hp)) + 2)
-                free = dev.free_bytes()
-                if need > 0.9 * free:
-                    case["skipped"] = (f"needs ~{need / 2**30:.1f} GiB of GPU memory, "
-                                       f"{free / 2**30:.1f} GiB free")
+                why = too_big(need, 0.9, dev.free_bytes(), " of GPU memory")
+                if why:
+                    case["skipped"] = why
                     doc["cases"].append(case)
                     continue
                 if cfg.progress is not False:
@@ -276,47 +255,24 @@ def run_gpu(dev, cfg, argv) -> dict:
                 grad = (torch.rand(n, generator=gen, device=dev.kind, dtype=dt) - 0.5) * 2e-2
                 steps, holders, status = build_steps(
                     GPU_PEERS, lambda peer: make_gpu_step(torch, peer, rule, hp, param, grad))
-                t = time_gpu(dev, steps, repeats=cfg.repeats, warmup=cfg.warmup,
-                             target_sample_s=cfg.target_sample_s)
-                case["results"] = merge_timings(status, t, n, bpe, best)
+                case["results"] = merge_timings(status, timed(steps), n, bpe, best)
                 case["speedup"] = speedups(case["results"])
                 doc["cases"].append(case)
                 del steps, holders, param, grad
                 dev.release()
     if "model" in cfg.scenarios:
-        rows = []
-        rule, hp = get_rule("Adam"), P.hyperparameters("Adam")
-        for model, shapes_fn in S.MODELS.items():
-            shapes = shapes_fn(scale=cfg.model_scale)
-            n = int(sum(np.prod(s) for s in shapes))
-            bpe = rule.bytes_per_element(hp, 4)
-            steps, holders, status = build_steps(
-                GPU_PEERS, lambda peer: make_gpu_model_step(dev, peer, rule, hp, shapes, gen))
-            t = time_gpu(dev, steps, repeats=cfg.repeats, warmup=cfg.warmup,
-                         target_sample_s=cfg.target_sample_s)
-            results = merge_timings(status, t, n, bpe, best)
-            rows.append({"model": model, "rule": "Adam", "dtype": "float32",
-                         "tensors": len(shapes), "n": n, "bytes_per_element": bpe,
-                         "roof_gbps": best, "results": results, "speedup": speedups(results)})
-            del steps, holders
-            dev.release()
-        doc["scenarios"]["model"] = {"cases": rows}
+        rule, hp = get_rule("Adam"), hyperparameters("Adam")
+
+        def make_steps(shapes):
+            return build_steps(GPU_PEERS, lambda peer: make_gpu_model_step(
+                dev, peer, rule, hp, shapes, gen))
+        doc["scenarios"]["model"] = model_cases(
+            cfg, make_steps, lambda steps, nbytes: (timed(steps), best, None))
+        dev.release()
     best = max(best, roof("end"))
     doc["roof_gbps"] = [{"threads": 1, "dtype": d, "gbps": best} for d in cfg.dtypes]
-    for c in doc["cases"]:
-        if "results" in c:
-            c["roof_gbps"] = best
-            for res in c["results"].values():
-                if res.get("status") == "ok" and "gbps" in res:
-                    res["roof_fraction"] = res["gbps"] / best
-    doc["elapsed_s"] = time.monotonic() - t_start
-    from fastopt.bench.report import evaluate_goals
-    doc["goals"] = evaluate_goals(doc)
-    return doc
-
-
-GPU_LABELS = {"fastopt": "fastopt (CUDA)", "torch_fused": "torch fused",
-              "torch_foreach": "torch foreach"}
+    apply_roof(doc, lambda row: best)
+    return finish_document(doc, t_start)
 
 
 def gpu_config(cfg, args):
@@ -331,14 +287,10 @@ def gpu_config(cfg, args):
     if not args.roof_mb:
         cfg.roof_bytes_per_array = ROOF_BYTES
     cfg.hypers = dict(BENCH_HYPERS)
+    cfg.mode = f"cuda-{cfg.mode}"
     return cfg
 
 
-def main(cfg, args, argv) -> int:
-    try:
-        torch = find_device()
-    except NoDevice as exc:
-        print(f"fastopt bench: {exc}", file=sys.stderr)
-        return 1
-    cfg = gpu_config(cfg, args)
-    return write_outputs(run_gpu(Device(torch), cfg, argv), cfg, f"cuda-{cfg.mode}")
+def run_from_args(cfg, args, argv) -> dict:
+    """The GPU run's document; raises NoDevice without a usable GPU."""
+    return run_gpu(Device(find_device()), gpu_config(cfg, args), argv)

@@ -35,6 +35,9 @@ import time
 
 import numpy as np
 
+import fastopt
+from fastopt.backends._host import full
+from fastopt.bench.machine import set_threads, too_big
 from fastopt.bench.timing import time_interleaved
 
 DEFAULT_CASES = ((1_000_000, 10), (1_000_000, 100), (10_000_000, 10))
@@ -83,8 +86,6 @@ class _Problem:
 
 
 def _fastopt_step(prob, hp, sd, backend):
-    import fastopt
-    from fastopt.backends._host import full
     x = full(prob.n, prob.dtype, 0)
     x[:] = prob.x0
     g = full(prob.n, prob.dtype, 0)
@@ -226,17 +227,26 @@ def run_case(n, history, dtype, nthreads, iters_per_step, repeats, rng, peers):
             "results": results, "speedup": speedup}
 
 
-def scenario(cfg, nthreads, rng, cases=None, dtype="float32", iters_per_step=2,
+def scenario(cfg, nthreads, roofs=None, rng=None, bar=None, iters_per_step=2,
              peers=("fastopt", "torch", "scipy")):
-    if cases is None:
-        cases = QUICK_CASES if cfg.mode == "quick" else DEFAULT_CASES
-    rows = []
+    """The cases of ``cfg.lbfgs_cases`` (default: by mode) that fit in memory."""
+    cases = [tuple(c) for c in cfg.lbfgs_cases] or list(
+        QUICK_CASES if cfg.mode == "quick" else DEFAULT_CASES)
+    dtype = cfg.lbfgs_dtype
+    rng = rng if rng is not None else np.random.default_rng(cfg.seed)
+    rows, skipped = [], []
+    set_threads(nthreads)
     for n, h in cases:
+        why = too_big(mem_needed(n, h, np.dtype(dtype).itemsize, peers), cfg.mem_fraction)
+        if why:
+            skipped.append({"n": n, "history": h, "reason": why})
+            continue
         rows.append(run_case(int(n), int(h), dtype, nthreads, iters_per_step,
                              max(3, min(cfg.repeats, 5)), rng, peers))
         gc.collect()
-    return {"cases": rows, "dtype": dtype, "objective": "sum(a x^2)/2, a log-uniform in "
-            "[1, 1e3]", "method": __doc__.split("Method\n------\n", 1)[1].strip()}
+    return {"cases": rows, "skipped": skipped, "dtype": dtype,
+            "objective": "sum(a x^2)/2, a log-uniform in [1, 1e3]",
+            "method": __doc__.split("Method\n------\n", 1)[1].strip()}
 
 
 def mem_needed(n, h, itemsize, peers):
@@ -247,6 +257,3 @@ def mem_needed(n, h, itemsize, peers):
     for p in peers:
         total += (2 * (h + 1) + 8) * (n * 8 if p == "scipy" else per_vec)
     return total
-
-
-__all__ = ["scenario", "run_case", "DEFAULT_CASES", "QUICK_CASES", "mem_needed"]

@@ -1,5 +1,4 @@
-"""Output of ``fastopt bench``: the Markdown report, the JSON document, the PNG plot,
-and the check of the issue's performance goals against the figures of one run."""
+"""Output of ``fastopt bench``: the Markdown report, the JSON document, the PNG plot."""
 
 from __future__ import annotations
 
@@ -8,18 +7,11 @@ import math
 
 import numpy as np
 
-from fastopt.bench.peers import LABELS
+from fastopt.bench.config import LABELS, label
+from fastopt.bench.scenarios import LIST_PEERS
+from fastopt.bench.torch_model import TORCH_MODEL_PEERS, TRAINING_PEERS
 
-# the order of peer columns in every table
-PEER_ORDER = ("fastopt", "fastopt_numba", "fastopt_kernel", "numpy", "torch_default",
-              "torch_foreach_false", "torch_foreach", "torch_fused", "torch_fused_flat",
-              "deepspeed")
-EXTRA_LABELS = {"torch_fused_flat": "torch fused, one flat tensor",
-                "torch_foreach": "torch foreach"}
-
-
-def label(peer):
-    return EXTRA_LABELS.get(peer) or LABELS.get(peer, peer)
+PEER_ORDER = tuple(LABELS)   # the order of peer columns in every table
 
 
 def fmt_time(s):
@@ -125,7 +117,7 @@ def markdown(doc) -> str:
                           [[r["phase"], fmt_n(r["bytes_per_array"]), f"{r['gbps']:.1f}"]
                            for r in doc["roof"]]))
         out += ["", "A device-to-device copy at the start and the end of the run; the higher "
-                "is every case's roof. Optimizer GB/s count the bytes/element of RULES.md.",
+                "is every case's roof.",
                 ""]
     elif doc["roof"]:
         out += ["## Memory-bandwidth roof (measured in this run)", ""]
@@ -143,7 +135,8 @@ def markdown(doc) -> str:
                 "Cases out of cache (working set > 2 × L3) and the model scenario time the "
                 "roof kernels interleaved with their peers and use that roof (bandwidth on "
                 "a shared host drifts); other cases use the highest measurement of the run "
-                f"({final}). Optimizer GB/s count the bytes/element of RULES.md.", ""]
+                f"({final}). Optimizer GB/s count each rule's bytes/element (read + written, "
+                "no write-allocate).", ""]
 
     cases = [c for c in doc["cases"] if "results" in c]
     if cases:
@@ -182,26 +175,11 @@ def markdown(doc) -> str:
         out += ["Skipped for memory: " + "; ".join(
             f"{c['rule']} {c['dtype']} n={fmt_n(c['n'])} ({c['skipped']})" for c in skipped), ""]
 
-    sc = doc.get("scenarios", {})
-    if "overhead" in sc:
-        out += _overhead_md(sc["overhead"])
-    if "model" in sc:
-        out += _model_md(sc["model"])
-    if "threads" in sc:
-        out += _threads_md(sc["threads"])
-    if "denormal" in sc:
-        out += _denormal_md(sc["denormal"])
-    if "torch_model" in sc:
-        out += _torch_model_md(sc["torch_model"])
-    if "lbfgs" in sc:
-        out += _lbfgs_md(sc["lbfgs"])
-    if doc.get("goals"):
-        out += [f"## Performance goals (issue {8 if gpu else 4})", ""]
-        rows = [[g["goal"], g["target"], g["measured_text"],
-                 {True: "met", False: "**missed**", None: "not measured"}[g["met"]]]
-                for g in doc["goals"]]
-        out.append(_table(["goal", "target", "measured", ""], rows))
-        out.append("")
+    for name, (title, section) in SECTIONS.items():
+        sc = doc.get("scenarios", {}).get(name)
+        if sc is not None:
+            out += [f"## {title}", "", f"error: {sc['error']}", ""] if "error" in sc \
+                else section(sc)
     if gpu:
         out.append(f"Elapsed: {doc.get('elapsed_s', 0):.1f} s. Median of "
                    f"{doc['config']['repeats']} interleaved bursts per peer after warm-up.")
@@ -236,13 +214,7 @@ def preemption_counts(doc):
     return retaken, kept
 
 
-def _error_md(name, sc):
-    return [f"## {name}", "", f"error: {sc['error']}", ""]
-
-
 def _overhead_md(sc):
-    if "error" in sc:
-        return _error_md("Per-call overhead", sc)
     rows = sc["cases"]
     peers = _peers_present(rows)
     out = ["## Per-call overhead on tiny buffers (time per step)", ""]
@@ -263,8 +235,6 @@ def _overhead_md(sc):
 
 
 def _model_md(sc):
-    if "error" in sc:
-        return _error_md("Multi-tensor model", sc)
     rows = sc["cases"]
     peers = _peers_present(rows)
     out = ["## Multi-tensor model: one FlatParams call vs torch.optim over the tensors "
@@ -280,22 +250,15 @@ def _model_md(sc):
     return out
 
 
-TORCH_MODEL_GOALS = {"transformer 1M": 2.0, "transformer 20M": 1.0}
-
-
 def _torch_model_md(sc):
-    if "error" in sc:
-        return _error_md("torch model", sc)
     if not sc.get("cases"):
         return ["## torch model", "", sc.get("skipped", "no cases"), ""]
-    from fastopt.bench.scenarios import TORCH_MODEL_LABELS, TORCH_MODEL_PEERS
     rows = sc["cases"]
     peers = _peers_present(rows, candidates=TORCH_MODEL_PEERS)
     out = ["## torch model: a whole-model step() of fastopt.torch.AdamW vs torch.optim.AdamW "
            "(float32; fastopt.torch's speedup over each peer in parentheses)", ""]
     out.append(_table(
-        ["model", "tensors", "parameters"] + [TORCH_MODEL_LABELS.get(p, p) for p in peers]
-        + ["fastopt.torch GB/s"],
+        ["model", "tensors", "parameters"] + [label(p) for p in peers] + ["fastopt.torch GB/s"],
         [[r["model"], r["tensors"], fmt_n(r["n"])]
          + [_cell(r["results"], p, base="fastopt_torch", show_ratio=p != "grad_assign")
             for p in peers]
@@ -303,16 +266,60 @@ def _torch_model_md(sc):
             if r["results"].get("fastopt_torch", {}).get("status") == "ok" else "–"]
          for r in rows]))
     out += ["", "Every peer steps its own copy of the same parameters (separate tensors, as a "
-            "model has them). \"fresh grads (gather)\": before each step every `p.grad` is "
-            "replaced by a new tensor, as `model.zero_grad()` + `backward()` leave them; the "
-            "step then copies them into fastopt's flat gradient buffer. \"p.grad = g only\" is "
-            "the cost of that assignment loop alone, included in the gather figure.", ""]
+            "model has them). One step per sample, the peers in turn, so each step starts "
+            "with the caches as another optimizer left them, as after a backward pass. "
+            "\"fresh p.grad each step\": before each step every `p.grad` is replaced by a new "
+            "tensor, as `zero_grad()` + `backward()` leave them; \"p.grad = g only\" is the "
+            "cost of that assignment loop alone.", ""]
+    host = sc.get("host_per_tensor") or {}
+    ok = {p: h for p, h in host.items() if "per_tensor_s" in h}
+    if ok:
+        out += ["Host cost per tensor (a step over 132 tensors of 4 elements minus a step over "
+                "one, divided by 131): " + "; ".join(
+                    f"{label(p)} {fmt_time(h['per_tensor_s'])}" for p, h in ok.items()) + ".", ""]
+    out += _training_md(sc.get("training"))
+    return out
+
+
+def _training_md(tr):
+    if not tr:
+        return []
+    if "error" in tr:
+        return ["### One training iteration", "", f"error: {tr['error']}", ""]
+    res = tr["results"]
+    out = [f"### One training iteration of a {tr['model']} ({fmt_n(tr['n'])} parameters, "
+           f"{tr['tensors']} tensors; batch {tr['batch']} × {tr['context']} bytes of the Python "
+           "standard library's source)", ""]
+    out.append(_table(["optimizer", "iteration (zero_grad, forward, backward, step)",
+                       "of which step()", "step share", "loss after the run"],
+                      [[label(p), _cell(res, p, base="fastopt_torch"),
+                        fmt_time(res[p]["step_median_s"]), f"{100 * res[p]['step_share']:.1f}%",
+                        f"{res[p]['final_loss']:.4f}"]
+                       for p in TRAINING_PEERS if res.get(p, {}).get("status") == "ok"]))
+    out += ["", "Each optimizer trains its own copy of the same model on the same batches; "
+            "the iterations are interleaved. Median times; in parentheses fastopt.torch's "
+            "speedup over each peer on the whole iteration.", ""]
+    return out
+
+
+def _lists_md(sc):
+    rows = sc["cases"]
+    peers = _peers_present(rows, candidates=LIST_PEERS, drop_missing=False)
+    out = ["## A list of arrays in one call: `fastopt.Adam([w1, b1, ...])` "
+           "(float32; the list's speedup over each peer in parentheses)", ""]
+    out.append(_table(["case", "arrays", "parameters"] + [label(p) for p in peers],
+                      [[r["case"], r["arrays"], fmt_n(r["n"])]
+                       + [_cell(r["results"], p, base="fastopt_list") for p in peers]
+                       for r in rows]))
+    missing = [r["results"]["fastopt_list"].get("detail") for r in rows
+               if r["results"].get("fastopt_list", {}).get("status") == "missing"]
+    if missing:
+        out += ["", f"Not available: {missing[0]}"]
+    out.append("")
     return out
 
 
 def _threads_md(sc):
-    if "error" in sc:
-        return _error_md("Thread scaling", sc)
     rows = sc["cases"]
     peers = _peers_present(rows)
     out = ["## Thread scaling (Adam, float32)", ""]
@@ -332,8 +339,6 @@ def _threads_md(sc):
 
 
 def _denormal_md(sc):
-    if "error" in sc:
-        return _error_md("Subnormal state", sc)
     out = ["## Subnormal state (Adam): time per step with normal vs subnormal values", ""]
     table = []
     for r in sc["cases"]:
@@ -351,17 +356,11 @@ def _denormal_md(sc):
                           f"{100 * frac:.0f}%" if frac is not None else "–"])
     out.append(_table(["dtype", "n", "peer", "normal", "subnormal", "slowdown",
                        "subnormal share of state"], table))
-    out += ["", f"Limit for fastopt: {sc['limit']}×.", ""]
+    out.append("")
     return out
 
 
-# ---------------------------------------------------------------------------
-# Goals
-# ---------------------------------------------------------------------------
-
 def _lbfgs_md(sc):
-    if "error" in sc:
-        return _error_md("L-BFGS: one iteration", sc)
     names = {"fastopt": "fastopt.LBFGS", "torch": "torch.optim.LBFGS",
              "scipy": "SciPy L-BFGS-B (mean, float64)"}
     out = ["## L-BFGS: time per iteration, closure excluded "
@@ -394,141 +393,13 @@ def _lbfgs_md(sc):
     return out
 
 
-def _find(doc, rule, dtype, n):
-    threads = max((c["threads"] for c in doc["cases"]), default=None)
-    for c in doc["cases"]:
-        if (c["rule"], c["dtype"], c["n"], c["threads"]) == (rule, dtype, n, threads) \
-                and "results" in c:
-            return c
-    return None
-
-
-def _goal(goal, target, value, ok, text=None, ceiling=None):
-    g = {"goal": goal, "target": target, "measured": value,
-         "measured_text": text if text is not None else
-         ("–" if value is None else f"{value:.3g}"),
-         "met": None if value is None else bool(ok)}
-    if ceiling is not None:
-        # the best ratio any implementation could reach: running at the DRAM roof
-        g["ceiling_at_roof"] = ceiling
-        g["measured_text"] += f" (ceiling at the roof: {ceiling:.2f}×)"
-    return g
-
-
-def _l3(doc):
-    text = (doc.get("machine") or {}).get("l3_cache") or "32768K"
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
-    try:
-        return int(text.rstrip("KMGkmg")) * mult
-    except ValueError:
-        return 32 << 20
-
-
-def _ceiling(doc, row, peer):
-    """peer's time / the time of a step at the roof, for working sets well out of
-    cache (where the roof bounds every implementation); else None."""
-    bpe, n, roof = row.get("bytes_per_element"), row.get("n"), row.get("roof_gbps")
-    res = row.get("results", {}).get(peer, {})
-    if not (bpe and n and roof) or res.get("status") != "ok" or bpe * n <= 2 * _l3(doc):
-        return None
-    return res["median_s"] / (bpe * n / (roof * 1e9))
-
-
-def evaluate_gpu_goals(doc) -> list:
-    """Issue 8's goals, from one GPU run."""
-    goals = []
-    rows = [c for c in doc["cases"] if c["rule"] == "Adam" and c["dtype"] == "float32"
-            and "results" in c and "torch_fused" in c["speedup"]]
-    if rows:
-        worst = min(rows, key=lambda c: c["speedup"]["torch_fused"])
-        v = worst["speedup"]["torch_fused"]
-        goals.append(_goal("Adam float32, every size: fastopt vs torch fused (worst size)",
-                           "≥ 1.0×", v, v >= 1.0, f"{v:.2f}× (n={fmt_n(worst['n'])})"))
-    small = [c for c in rows if c["n"] <= 1_000_000]
-    if small:
-        worst = min(small, key=lambda c: c["speedup"]["torch_fused"])
-        v = worst["speedup"]["torch_fused"]
-        goals.append(_goal("Adam float32 n ≤ 1e6: fastopt vs torch fused (worst size)",
-                           "≥ 3×", v, v >= 3.0, f"{v:.2f}× (n={fmt_n(worst['n'])})"))
-    big = [c for c in doc["cases"] if c["n"] >= 2 ** 24 and "results" in c
-           and c["results"].get("fastopt", {}).get("status") == "ok"]
-    if big:
-        worst = min(big, key=lambda c: c["results"]["fastopt"]["roof_fraction"])
-        v = worst["results"]["fastopt"]["roof_fraction"]
-        goals.append(_goal("n ≥ 2^24: fraction of the copy bandwidth (worst case)", "≥ 0.92",
-                           v, v >= 0.92, f"{v:.2f} ({worst['rule']} {worst['dtype']} "
-                           f"n={fmt_n(worst['n'])})"))
-    for row in doc.get("scenarios", {}).get("model", {}).get("cases", []):
-        v = row["speedup"].get("torch_fused")
-        goals.append(_goal(f"{row['model']} model ({row['tensors']} tensors): FlatParams vs "
-                           "torch fused over the list", "≥ 1.1×", v,
-                           v is not None and v >= 1.1, None if v is None else f"{v:.2f}×"))
-    c = _find(doc, "Adam", "float32", 1_000)
-    v = c["results"]["fastopt"].get("host_s") if c and c["results"].get(
-        "fastopt", {}).get("status") == "ok" else None
-    goals.append(_goal("Adam float32 n=1e3: host cost of opt.step(g)", "≤ 15 µs", v,
-                       v is not None and v <= 15e-6, None if v is None else fmt_time(v)))
-    return goals
-
-
-def evaluate_goals(doc) -> list:
-    if doc.get("device") == "cuda":
-        return evaluate_gpu_goals(doc)
-    goals = []
-    for n, target in ((16_000_000, 0.95), (1_000_000, 1.5), (100_000, 3.0), (1_000, 20.0)):
-        c = _find(doc, "Adam", "float32", n)
-        v = c["speedup"].get("torch_fused") if c else None
-        goals.append(_goal(f"Adam float32 n={fmt_n(n)}: fastopt vs torch fused", f"≥ {target}×",
-                           v, v is not None and v >= target,
-                           None if v is None else f"{v:.2f}×",
-                           _ceiling(doc, c, "torch_fused") if c else None))
-    c = _find(doc, "Adam", "float32", 16_000_000)
-    v = c["results"]["fastopt"].get("roof_fraction") if c else None
-    goals.append(_goal("Adam float32 n=1.6e7: fraction of the roof", "≥ 0.90", v,
-                       v is not None and v >= 0.9, None if v is None else f"{v:.2f}"))
-    for row in doc.get("scenarios", {}).get("model", {}).get("cases", []):
-        v = row["speedup"].get("torch_fused")
-        goals.append(_goal(f"{row['model']} model ({row['tensors']} tensors, "
-                           f"{fmt_n(row['n'])}): FlatParams vs torch fused", "≥ 2×", v,
-                           v is not None and v >= 2.0, None if v is None else f"{v:.2f}×",
-                           _ceiling(doc, row, "torch_fused")))
-    for row in doc.get("scenarios", {}).get("torch_model", {}).get("cases", []):
-        target = TORCH_MODEL_GOALS.get(row["model"])
-        if target is None:
-            continue
-        v = row["speedup"].get("torch_fused")
-        goals.append(_goal(f"torch model, {row['model']} ({row['tensors']} tensors): "
-                           "fastopt.torch.AdamW vs torch fused", f"≥ {target}×", v,
-                           v is not None and v >= target, None if v is None else f"{v:.2f}×"))
-    big = [c for c in doc["cases"] if c["rule"] == "Adam" and c["dtype"] == "float32"
-           and c["n"] >= 1_000_000 and "results" in c and "numpy" in c["speedup"]]
-    if big:
-        worst = min(big, key=lambda c: c["speedup"]["numpy"])
-        v = worst["speedup"]["numpy"]
-        goals.append(_goal("Adam float32 n ≥ 1e6: fastopt vs NumPy (worst size)", "≥ 10×", v,
-                           v >= 10, f"{v:.1f}× (n={fmt_n(worst['n'])})",
-                           _ceiling(doc, worst, "numpy")))
-    else:
-        goals.append(_goal("Adam float32 n ≥ 1e6: fastopt vs NumPy", "≥ 10×", None, False))
-    threads = max((c["threads"] for c in doc["cases"]), default=None)
-    for c in doc["cases"]:
-        if c["n"] == 16_000_000 and c["rule"] != "Adam" and c["threads"] == threads \
-                and "results" in c:
-            v = c["results"].get("fastopt", {}).get("roof_fraction")
-            goals.append(_goal(f"{c['rule']} {c['dtype']} n=1.6e7: fraction of its roof",
-                               "≥ 0.85", v, v is not None and v >= 0.85,
-                               None if v is None else f"{v:.2f}"))
-    for row in doc.get("scenarios", {}).get("lbfgs", {}).get("cases", []) or []:
-        v = row["speedup"].get("torch")
-        goals.append(_goal(f"L-BFGS {row['dtype']} n={fmt_n(row['n'])} history="
-                           f"{row['history']}: fastopt vs torch per iteration", "≥ 3×", v,
-                           v is not None and v >= 3.0, None if v is None else f"{v:.2f}×"))
-    for row in doc.get("scenarios", {}).get("denormal", {}).get("cases", []):
-        v = row["slowdown"].get("fastopt")
-        goals.append(_goal(f"subnormal state, Adam {row['dtype']} n={fmt_n(row['n'])}: "
-                           "fastopt slowdown", "≤ 1.2×", v, v is not None and v <= 1.2,
-                           None if v is None else f"{v:.2f}×"))
-    return goals
+SECTIONS = {"overhead": ("Per-call overhead", _overhead_md),
+            "model": ("Multi-tensor model", _model_md),
+            "threads": ("Thread scaling", _threads_md),
+            "denormal": ("Subnormal state", _denormal_md),
+            "lists": ("A list of arrays", _lists_md),
+            "torch_model": ("torch model", _torch_model_md),
+            "lbfgs": ("L-BFGS: one iteration", _lbfgs_md)}
 
 
 # ---------------------------------------------------------------------------
@@ -617,7 +488,6 @@ def plot(doc, path):
 
 def _plot_torch_model(plt, doc, rows, path):
     """The torch model scenario alone: time per step of each peer, per model."""
-    from fastopt.bench.scenarios import TORCH_MODEL_LABELS, TORCH_MODEL_PEERS
     peers = _peers_present(rows, candidates=TORCH_MODEL_PEERS)
     fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 4.2), squeeze=False)
     for ax, row in zip(axes.flat, rows):
@@ -625,7 +495,7 @@ def _plot_torch_model(plt, doc, rows, path):
         for p in peers:
             r = row["results"].get(p, {})
             if r.get("status") == "ok":
-                names.append(TORCH_MODEL_LABELS.get(p, p))
+                names.append(label(p))
                 times.append(r["median_s"] * 1e3)
         bars = ax.barh(range(len(names)), times,
                        color=["C0" if n.startswith("fastopt") else "C1" if "only" in n

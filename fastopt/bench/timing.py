@@ -1,4 +1,5 @@
-"""Interleaved timing of several step callables, and the progress bar."""
+"""Interleaved timing of several step callables, the figures derived from the
+times, and the progress bar."""
 
 from __future__ import annotations
 
@@ -129,6 +130,30 @@ def _quantile(s, q):
     lo = int(math.floor(x))
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (x - lo)
+
+
+def merge_timings(status, timings, n=None, bytes_per_element=None, roof_gbps=None):
+    """Per-peer result dicts: status, times and the derived throughput figures."""
+    results = {}
+    for peer, st in status.items():
+        res = {**st, **timings.get(peer, {})}
+        if res.get("status") == "ok" and n:
+            res["elements_per_s"] = n / res["median_s"]
+            if bytes_per_element:
+                res["gbps"] = bytes_per_element * n / res["median_s"] / 1e9
+                if roof_gbps:
+                    res["roof_fraction"] = res["gbps"] / roof_gbps
+        results[peer] = res
+    return results
+
+
+def speedups(results, base="fastopt"):
+    """base's speedup over every other peer: peer time / base time (>1: base faster)."""
+    b = results.get(base, {})
+    if b.get("status") != "ok":
+        return {}
+    return {peer: r["median_s"] / b["median_s"] for peer, r in results.items()
+            if peer != base and r.get("status") == "ok"}
 
 
 class Progress:
