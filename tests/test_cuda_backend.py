@@ -81,7 +81,7 @@ def _bad_grads(dtype, param, state):
         "none": (None, TypeError, r"Adam: grad must be a CUDA array .*got NoneType"),
         "dtype": (_dev(np.ones(N, other)), TypeError, r"Adam: grad has dtype"),
         "length": (_dev(np.ones(N + 1, dtype)), ValueError,
-                   rf"Adam: grad has length {N + 1}, param has length {N}"),
+                   rf"Adam: grad has {N + 1} elements, param has {N}"),
         "2-D": (_dev(np.ones((N, 1), dtype)), ValueError, r"grad must be a C-contiguous 1-D"),
         "param": (param, ValueError, r"Adam: grad shares memory with param"),
         "state": (state, ValueError, r"Adam: grad shares memory with exp_avg_sq"),
@@ -119,7 +119,7 @@ def test_a_cpu_tensor_gradient_is_refused_by_name():
 def test_bind_checks_param_and_state_once():
     rule, _ = _adam()
     p = _dev(np.ones(N, np.float32))
-    with pytest.raises(ValueError, match="Adam: exp_avg has length 5, param has length 97"):
+    with pytest.raises(ValueError, match="Adam: exp_avg has 5 elements, param has 97"):
         backends.bind(CUDA, rule.kernel, p, [_dev(np.zeros(5, np.float32)), None, None])
     with pytest.raises(ValueError, match="Adam: exp_avg shares memory with param"):
         backends.bind(CUDA, rule.kernel, p, [p, None, None])

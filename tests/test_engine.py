@@ -389,3 +389,14 @@ def test_run_segments_equals_bound_step(backend):
                         args, 2)
     with pytest.raises(TypeError):
         be.run_segments("adam", np.dtype(np.int32), ptrs, lengths, args, 2)
+    # element types per slot: the same call spelled slot by slot runs; a signature no
+    # kernel is specialised for (a float64 gradient for float32 params) is refused
+    before = [p.copy() for p in params]
+    be.run_segments("adam", (np.dtype(F32),) * 5, ptrs, lengths, args, 2)
+    assert any(not np.array_equal(p, b) for p, b in zip(params, before))
+    before = [p.copy() for p in params]
+    mixed = (np.dtype(F32), np.dtype(F64)) + (np.dtype(F32),) * 3
+    with pytest.raises(TypeError, match="grad float64"):
+        be.run_segments("adam", mixed, ptrs, lengths, args, 2)
+    for p, b in zip(params, before):
+        _same_bits(p, b)

@@ -311,14 +311,15 @@ def test_param_must_be_writable_contiguous_1d():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         NUMBA.adam(ro, z(), z(), z(), None, *args, 1)
-    with pytest.raises(ValueError, match="C-contiguous 1-D"):
+    with pytest.raises(ValueError, match="C-contiguous"):
         NUMBA.adam(np.ones(14, np.float32)[::2], z(), z(), z(), None, *args, 1)
-    with pytest.raises(ValueError, match="C-contiguous 1-D"):
-        NUMBA.adam(np.ones((7, 1), np.float32), z(), z(), z(), None, *args, 1)
+    # any C-contiguous shape is its elements in order: (7, 1) steps like (7,)
+    shaped = np.ones((7, 1), np.float32)
+    NUMBA.adam(shaped, z(), z(), z(), None, *args, 1)
     with pytest.raises(TypeError, match="float32 or float64"):
         NUMBA.sgd(np.ones(7, np.int64), np.ones(7, np.int64), None,
                   0.1, 0, 1, 0, 1, 0, 1, 0, 1)
-    with pytest.raises(TypeError, match="grad must be an array"):
+    with pytest.raises(TypeError, match="grad must be a NumPy array"):
         NUMBA.adam(np.ones(7, np.float32), None, z(), z(), None, *args, 1)
     # a read-only gradient is fine: it is only read
     g = np.ones(7, np.float32)

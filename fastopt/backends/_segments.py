@@ -69,6 +69,24 @@ class Written:
             raise ValueError(clash_message(label, self.ranges[k][2]))
 
 
+def element_type(dtype, names, allowed):
+    """``run_segments``' ``dtype`` (one for every slot, or a tuple of one per slot) as
+    the one element type the kernels are specialised for, or TypeError."""
+    per_slot = dtype if isinstance(dtype, tuple) else (dtype,) * len(names)
+    if len(per_slot) != len(names):
+        raise ValueError(f"dtype has {len(per_slot)} entries; the kernel has {len(names)} "
+                         f"slots ({', '.join(names)})")
+    try:
+        dts = [np.dtype(d) for d in per_slot]
+    except TypeError as exc:
+        raise TypeError(f"dtype must be NumPy dtypes, got {dtype!r}: {exc}") from None
+    if len(set(dts)) != 1 or dts[0] not in allowed:
+        raise TypeError("no kernel is specialised for the element types "
+                        f"({', '.join(f'{n} {d}' for n, d in zip(names, dts))}); every "
+                        "slot must be float32, or every slot float64")
+    return dts[0]
+
+
 def table_of(ptrs, lengths, names, itemsize, check=True):
     """``run_segments``' arguments as a (nseg, NSLOT) uint64 table, the lengths'
     prefix sums and the present state slots, after the checks (nothing written)."""

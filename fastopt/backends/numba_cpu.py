@@ -282,9 +282,7 @@ def bind_many(kernel, params, buffers, labels=None):
 def run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check=True):
     """The compiled backend's ``run_segments``: addresses the caller holds alive."""
     names = M.RULES[kernel][3]
-    dtype = np.dtype(dtype)
-    if dtype not in _DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = S.element_type(dtype, names, _DTYPES)
     table, starts, present = S.table_of(ptrs, lengths, names, dtype.itemsize, check)
     if starts[-1] > 0:
         _execute(kernel, dtype, present, table, starts, tuple(args), nthreads)

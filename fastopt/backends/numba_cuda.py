@@ -804,9 +804,7 @@ def run_segments(kernel, dtype, ptrs, lengths, args, nthreads=1, check=True):
     """The CPU backends' ``run_segments`` for device addresses: the table is copied
     to the device and one kernel is launched on the default stream."""
     coefs, _, rule, names = M.RULES[kernel]
-    dtype = np.dtype(dtype)
-    if dtype not in _DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    dtype = S.element_type(dtype, names, _DTYPES)
     table, starts, present = S.table_of(ptrs, lengths, names, dtype.itemsize, check)
     if starts[-1] == 0:
         return

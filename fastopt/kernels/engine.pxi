@@ -122,11 +122,37 @@ cdef void _run_typed(KernelId k, const Seg* segs, const Py_ssize_t* starts,
         fastopt_fpu_leave(flush, saved)
 
 
-cdef void _run(KernelId k, int typenum, const Seg* segs, const Py_ssize_t* starts,
+# The element-type signatures the kernels are specialised for: every slot of a call
+# (param, grad, state) float32, or every slot float64. A new signature (bf16 params
+# with float32 state, 8-bit state) is a new entry here and a branch in _run.
+cdef enum Spec:
+    SPEC_NONE = -1
+    SPEC_F32 = 0
+    SPEC_F64 = 1
+
+
+cdef Spec _spec_of(const int* types, int nslot) noexcept nogil:
+    # types[slot]: the slot's NumPy type number, -1 for an absent slot
+    cdef int slot, first = -1
+    for slot in range(nslot):
+        if types[slot] < 0:
+            continue
+        if first < 0:
+            first = types[slot]
+        elif types[slot] != first:
+            return SPEC_NONE
+    if first == cnp.NPY_FLOAT:
+        return SPEC_F32
+    if first == cnp.NPY_DOUBLE:
+        return SPEC_F64
+    return SPEC_NONE
+
+
+cdef void _run(KernelId k, Spec spec, const Seg* segs, const Py_ssize_t* starts,
                Py_ssize_t nseg, const double* c, int nthreads) noexcept nogil:
-    if typenum == cnp.NPY_FLOAT:
+    if spec == SPEC_F32:
         _run_typed(k, segs, starts, nseg, c, nthreads, ALIGN, <float*>NULL)
-    else:
+    elif spec == SPEC_F64:
         _run_typed(k, segs, starts, nseg, c, nthreads, ALIGN, <double*>NULL)
 
 
@@ -255,6 +281,7 @@ cdef class Bound:
     param. Holds the arrays alive."""
 
     cdef KernelId kid
+    cdef Spec spec
     cdef int nplan, typenum
     cdef Py_ssize_t itemsize, nseg, nwritten
     cdef Seg* segs
@@ -306,6 +333,8 @@ cdef class Bound:
             raise TypeError(f"{_slot_name(self.names, 0, 0, single, self.labels)} must be a float32 or "
                             f"float64 NumPy array, got {type(first).__name__}")
         self.typenum = cnp.NPY_FLOAT if first.dtype.itemsize == 4 else cnp.NPY_DOUBLE
+        # every slot has the param's type (checked below): float32 or float64 throughout
+        self.spec = SPEC_F32 if self.typenum == cnp.NPY_FLOAT else SPEC_F64
         self.itemsize = first.dtype.itemsize
         present = None
         arrays = []
@@ -450,7 +479,7 @@ cdef class Bound:
         _load_plan(c, args, self.nplan, self.kernel)
         self.ready = False
         with nogil:
-            _run(self.kid, self.typenum, self.segs, self.starts, self.nseg, c, nthreads)
+            _run(self.kid, self.spec, self.segs, self.starts, self.nseg, c, nthreads)
 
     def step(self, grads, tuple args, int nthreads):
         cdef double c[32]
@@ -458,7 +487,7 @@ cdef class Bound:
         self._prepare(grads)
         self.ready = False
         with nogil:
-            _run(self.kid, self.typenum, self.segs, self.starts, self.nseg, c, nthreads)
+            _run(self.kid, self.spec, self.segs, self.starts, self.nseg, c, nthreads)
 
 
 # --------------------------------------------------------------------------
@@ -469,8 +498,12 @@ cdef class Bound:
 
 def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
                  bint check=True):
+    """One call over addresses: ``dtype`` is every slot's element type, or a tuple
+    of one per column of ``ptrs`` (param, grad, state buffers)."""
     cdef KernelId kid
-    cdef int nplan, typenum, slot
+    cdef int nplan, slot
+    cdef Spec spec
+    cdef int types[NSLOT]
     cdef double c[32]
     cdef Py_ssize_t nseg, ncol, s, m, itemsize
     cdef const uintptr_t* P
@@ -480,15 +513,24 @@ def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
     cdef Span* spans = NULL
     kid, nplan, names = _kernel_info(kernel)
     _load_plan(c, args, nplan, kernel)
-    typenum = -1
-    if isinstance(dtype, cnp.dtype) and dtype.isnative:
-        typenum = (<cnp.dtype>dtype).type_num
-    if typenum == cnp.NPY_FLOAT:
-        itemsize = 4
-    elif typenum == cnp.NPY_DOUBLE:
-        itemsize = 8
-    else:
-        raise TypeError(f"dtype must be numpy.dtype('float32') or ('float64'), got {dtype!r}")
+    per_slot = dtype if type(dtype) is tuple else (dtype,) * len(names)
+    if len(per_slot) != len(names):
+        raise ValueError(f"dtype has {len(per_slot)} entries; {kernel} has {len(names)} "
+                         f"slots ({', '.join(names)})")
+    for slot in range(NSLOT):
+        types[slot] = -1
+        if slot < len(names):
+            d = per_slot[slot]
+            if not isinstance(d, cnp.dtype) or not d.isnative:
+                raise TypeError(f"dtype of {names[slot]} must be a native numpy.dtype, "
+                                f"got {d!r}")
+            types[slot] = (<cnp.dtype>d).type_num
+    spec = _spec_of(types, NSLOT)
+    if spec == SPEC_NONE:
+        raise TypeError("no kernel is specialised for the element types "
+                        f"({', '.join(f'{n} {d}' for n, d in zip(names, per_slot))}); "
+                        "every slot must be float32, or every slot float64")
+    itemsize = 4 if spec == SPEC_F32 else 8
     # the tables through NumPy's C API: a memoryview costs more than a small call
     if not (type(ptrs) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>ptrs) == cnp.NPY_UINTP
             and cnp.PyArray_NDIM(<cnp.ndarray>ptrs) == 2
@@ -539,7 +581,7 @@ def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
             m = _collect(segs, nseg, itemsize, True, spans)
             _check_spans(spans, m, names, False)
         with nogil:
-            _run(kid, typenum, segs, starts, nseg, c, nthreads)
+            _run(kid, spec, segs, starts, nseg, c, nthreads)
     finally:
         free(segs)
         free(starts)
