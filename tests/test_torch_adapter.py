@@ -687,57 +687,49 @@ def test_named_parameters_as_in_torch():
 
 
 # ---------------------------------------------------------------------------
-# Layout: flat buffers behind the parameters
+# In place: the model's tensors stay where they are
 # ---------------------------------------------------------------------------
 
-def assert_packed(tensors, what):
-    """Views of one storage without overlap (in any order: the adapter may put
-    frozen parameters last)."""
-    base = tensors[0].untyped_storage().data_ptr()
-    end = base
-    for t in sorted(tensors, key=lambda t: t.data_ptr()):
-        assert t.untyped_storage().data_ptr() == base, f"{what}: not one storage"
-        assert t.data_ptr() >= end, f"{what}: overlapping slices"
-        end = t.data_ptr() + t.numel() * t.element_size()
-    assert end <= base + tensors[0].untyped_storage().nbytes()
-
-
 @pytest.mark.parametrize("dt", list(DTYPES))
-def test_params_and_grads_are_views_of_flat_buffers(dt):
+def test_params_grads_and_state_stay_where_they_are(dt):
+    """Building the optimizer and stepping move nothing: each parameter keeps its
+    storage, each gradient stays the tensor backward made, the state is the
+    tensors the optimizer made at the first step, and zero_grad() is torch's
+    (set_to_none=True)."""
     dtype = DTYPES[dt]
     model = make_net(dtype, unused=True)
     model.conv1.bias.requires_grad_(False)
-    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    before = {n: (p, p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
     opt = fot.Adam(grouped(model, "Adam", HP["Adam"]), **HP["Adam"])
     for n, p in model.named_parameters():
-        assert p is before[n][0], f"{n} was replaced: the model must keep its Parameters"
-        assert_bitwise(p, before[n][1], f"packing changed {n}")
-    for g in opt.param_groups:
-        assert_packed(g["params"], "params")
-    train(model, opt, 2, zero="optimizer")
-    live = [p for p in model.parameters() if p.grad is not None]
-    assert_packed([p.grad for p in opt.param_groups[0]["params"] if p.grad is not None], "grads")
-    for p in live:
-        # the grad sits at the same offset in its buffer as the param in its own
-        off_p = p.data_ptr() - p.untyped_storage().data_ptr()
-        off_g = p.grad.data_ptr() - p.grad.untyped_storage().data_ptr()
-        assert off_p == off_g
-    assert model.conv1.bias.grad is None
+        assert p is before[n][0] and p.data_ptr() == before[n][1], n
+        assert_bitwise(p, before[n][2], f"building the optimizer changed {n}")
+    state_ptrs = None
+    for i, idx in enumerate(batches(3)):
+        opt.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+        loss_on(model, idx).backward()
+        grads = {n: (p.grad, p.grad.data_ptr()) for n, p in model.named_parameters()
+                 if p.grad is not None}
+        opt.step()
+        for n, p in model.named_parameters():
+            assert p.data_ptr() == before[n][1], f"{n} was re-pointed"
+            if n in grads:
+                assert p.grad is grads[n][0] and p.grad.data_ptr() == grads[n][1], n
+        ptrs = {n: {k: v.data_ptr() for k, v in opt.state[p].items()}
+                for n, p in model.named_parameters() if p in opt.state}
+        assert state_ptrs is None or ptrs == state_ptrs, "state tensors were replaced"
+        state_ptrs = ptrs
+    assert model.conv1.bias.grad is None and model.conv1.bias not in opt.state
     assert all(p.grad is None for p in model.unused.parameters())
-
-    ptrs = [p.grad.data_ptr() for p in live]
-    opt.zero_grad()  # fastopt's default: set_to_none=False, one pass over the buffer
-    assert [p.grad.data_ptr() for p in live] == ptrs
-    assert all(not p.grad.any() for p in live)
-    opt.zero_grad(set_to_none=True)
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p not in opt.state for p in model.unused.parameters())
 
 
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("name", ["Adam", "SGD", "Lion"])
 def test_model_zero_grad_gives_the_same_numbers(name, dt):
-    """Fresh grads gathered into the flat buffer (model.zero_grad()) or accumulated in
-    it (opt.zero_grad()): bit-for-bit the same run."""
+    """Gradients set to None (torch's default), zeroed in place by the optimizer or
+    by the model: bit-for-bit the same run."""
     dtype = DTYPES[dt]
     runs = {}
     for zero in ("model", "optimizer", "none", "alternate"):
