@@ -26,6 +26,7 @@ from itertools import chain
 
 import numpy as np
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 from fastopt import backends
 from fastopt.rules import RULES, Rule
@@ -196,31 +197,49 @@ class _Rec:
 
 
 class _Run:
-    """Parameters stepped by one kernel call."""
+    """Parameters stepped by one kernel call; ``rows`` are the records whose rows
+    the table holds, in order (not the empty ones)."""
 
-    __slots__ = ("recs", "backend", "np_dtype", "ptrs", "lengths", "checked", "params",
-                 "step_slots", "scalar_slots", "t", "scalars", "fresh", "cacheable",
+    __slots__ = ("recs", "rows", "backend", "np_dtype", "ptrs", "lengths", "checked", "params",
+                 "step_slots", "scalar_slots", "gcol", "t", "scalars", "fresh", "cacheable",
                  "pre", "post")
 
 
-def _slot_arrays(slots):
-    """[(array, index)] as [(array, indices)] grouped by array (usually one)."""
-    groups: dict = {}
-    for arr, i in slots:
-        groups.setdefault(id(arr), (arr, []))[1].append(i)
-    return [(arr, np.array(ix, dtype=np.intp)) for arr, ix in groups.values()]
+class _Slots:
+    """The slots of one scalar (``step``, say) of a run's parameters, read and
+    written a chunk at a time: a slice where the indices are consecutive (the
+    usual case: state made together), else an index array."""
 
+    __slots__ = ("parts",)
 
-def _uniform(slot_arrays):
-    """The common value of the slots, or None when they differ."""
-    value = None
-    for arr, ix in slot_arrays:
-        vals = arr[ix]
-        lo, hi = float(vals.min()), float(vals.max())
-        if lo != hi or (value is not None and lo != value) or lo != lo:  # or NaN
-            return None
-        value = lo
-    return value
+    def __init__(self, slots):
+        groups: dict = {}
+        for arr, i in slots:
+            groups.setdefault(id(arr), (arr, []))[1].append(i)
+        self.parts = []
+        for arr, ix in groups.values():
+            if ix == list(range(ix[0], ix[0] + len(ix))):
+                self.parts.append((arr, slice(ix[0], ix[0] + len(ix))))
+            else:
+                self.parts.append((arr, np.array(ix, dtype=np.intp)))
+
+    def uniform(self):
+        """The common value of the slots, or None when they differ (or hold NaN)."""
+        value = None
+        for arr, ix in self.parts:
+            vals = arr[ix]
+            if vals.shape[0] == 1:
+                lo = hi = float(vals[0])
+            else:
+                lo, hi = float(vals.min()), float(vals.max())
+            if lo != hi or (value is not None and lo != value) or lo != lo:
+                return None
+            value = lo
+        return value
+
+    def write(self, value):
+        for arr, ix in self.parts:
+            arr[ix] = value
 
 
 class _GroupCache:
@@ -337,10 +356,21 @@ class Optimizer(torch.optim.Optimizer):
                                                  memory_format=torch.preserve_format)
 
     # -- the step ----------------------------------------------------------------
-    @torch.no_grad()
+    def _patch_step_function(self) -> None:
+        # torch wraps step() for its hooks and profiler label at ~10 us a call;
+        # step() below goes through that wrapper only when one is in use
+        self._zero_grad_profile_name = (
+            f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad")
+
     def step(self, closure=None):
         """One update of every parameter that has a gradient; returns the closure's
         loss (the closure runs with gradients enabled, before the update)."""
+        if (_GLOBAL_PRE or _GLOBAL_POST or self._optimizer_step_pre_hooks or
+                self._optimizer_step_post_hooks or torch.autograd._profiler_enabled()):
+            return _hooked_step(self, closure)
+        return self._step(closure)
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -366,6 +396,9 @@ class Optimizer(torch.optim.Optimizer):
             self._execute(gc, hp, plan, nthreads)
         return loss
 
+    def _optimizer_step_code(self) -> None:
+        """torch's profiler hooks this after each step."""
+
     def _needed(self, hp):
         return self.rule.needed_buffers(hp)
 
@@ -378,13 +411,19 @@ class Optimizer(torch.optim.Optimizer):
         if runs is not None and self._unchanged(gc):
             plans = []
             for run in runs:
-                t = _uniform(run.step_slots) if run.step_slots else run.t
+                if run.rows:
+                    grads = [r.gp for r in run.rows]
+                    if grads != run.gcol:
+                        run.ptrs[:, 1] = grads
+                        run.gcol = grads
+                        run.checked = False
+                t = run.step_slots.uniform() if run.step_slots else run.t
                 if t is None:
                     break
-                scalars = tuple(_uniform(s) for s in run.scalar_slots)
+                scalars = tuple(s.uniform() for s in run.scalar_slots)
                 if None in scalars:
                     break
-                plans.append((run, self._args(hp, t, scalars, False)))
+                plans.append((run, t, self._args(hp, t, scalars, False)))
             else:
                 return ("replay", plans)
         recs = self._check_group(gc, hp)
@@ -409,12 +448,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def _unchanged(self, gc) -> bool:
         """Whether every parameter, gradient and state entry of the group is what
-        the cached runs were built from."""
+        the cached runs were built from (gradients may have moved: backward makes
+        new ones; their addresses are read into the records)."""
         params = gc.group["params"]
         recs = gc.recs
         if len(params) != len(recs):
             return False
-        state = self.state
+        state_get = self.state.get
         try:
             for p, r in zip(params, recs):
                 if p is not r.p:
@@ -424,22 +464,26 @@ class Optimizer(torch.optim.Optimizer):
                     if r.g is not None:
                         return False
                     continue
-                if r.g is None:
+                if r.g is None or p.data_ptr() != r.pp:
                     return False
-                if p.data_ptr() != r.pp or g.data_ptr() != r.gp:
+                dt = r.dtype
+                if p.dtype is not dt or g.dtype is not dt:
                     return False
-                if p.dtype is not r.dtype or g.dtype is not r.dtype:
+                st = r.stride
+                if p.stride() != st or g.stride() != st:
                     return False
-                if p.shape != r.shape or g.shape != r.shape:
+                sh = r.shape
+                if p.shape != sh or g.shape != sh:
                     return False
-                if p.stride() != r.stride or g.stride() != r.stride:
-                    return False
-                sd = state.get(p)
+                sd = state_get(p)
                 if sd is not r.sd:
                     return False
-                for name, obj in r.entries:
-                    if sd.get(name) is not obj:
-                        return False
+                if sd is not None:
+                    get = sd.get
+                    for name, obj in r.entries:
+                        if get(name) is not obj:
+                            return False
+                r.gp = g.data_ptr()
         except (RuntimeError, AttributeError, TypeError):
             return False  # a gradient without storage (sparse), a non-tensor
         return True
@@ -589,12 +633,19 @@ class Optimizer(torch.optim.Optimizer):
     # -- execution -------------------------------------------------------------------
     def _execute(self, gc, hp, plan, nthreads):
         if plan[0] == "replay":
-            for run, (args, new_scalars) in plan[1]:
+            for run, t, (args, new_scalars) in plan[1]:
+                run.t = t
+                # a table is checked once: again only when a gradient moved
                 run_segments(run.backend, self.rule.kernel, run.np_dtype, run.ptrs,
-                             run.lengths, args, nthreads, check=False)
+                             run.lengths, args, nthreads, check=not run.checked)
+                run.checked = True
                 self._advance(run, new_scalars)
                 _increment_version(run.params)
             return
+        with torch.no_grad():
+            self._build_and_run(gc, hp, plan, nthreads)
+
+    def _build_and_run(self, gc, hp, plan, nthreads):
         _, recs, plans = plan
         self._materialise(recs, hp, gc.needed)
         runs = []
@@ -605,6 +656,7 @@ class Optimizer(torch.optim.Optimizer):
             if len(run.lengths):
                 run_segments(run.backend, self.rule.kernel, run.np_dtype, run.ptrs,
                              run.lengths, args, nthreads, check=True)
+            run.checked = True
             for dst, src in run.post:
                 dst.copy_(src)
             run.pre = run.post = ()
@@ -631,11 +683,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _advance(self, run, new_scalars):
         if run.step_slots:
-            for arr, ix in run.step_slots:
-                arr[ix] = run.t + 1
-        for slot_arrays, value in zip(run.scalar_slots, new_scalars):
-            for arr, ix in slot_arrays:
-                arr[ix] = value
+            run.step_slots.write(run.t + 1)
+        for slots, value in zip(run.scalar_slots, new_scalars):
+            slots.write(value)
         run.t += 1
         run.scalars = new_scalars
 
@@ -703,6 +753,7 @@ class Optimizer(torch.optim.Optimizer):
         run.t, run.scalars, run.fresh = t, scalars, fresh
         run.params = [r.p for r in members]
         run.pre, run.post = [], []
+        run.rows = []
         run.cacheable = True
         slot_names = ["step"] * rule.step_in_state + [n for n, _ in rule.scalars]
         by_name = {n: [] for n in slot_names}
@@ -722,13 +773,16 @@ class Optimizer(torch.optim.Optimizer):
             if copied:
                 run.cacheable = False
             rows.append(row)
+            run.rows.append(rec)
             lengths.append(n)
-        run.step_slots = _slot_arrays(by_name["step"]) if rule.step_in_state else []
-        run.scalar_slots = [_slot_arrays(by_name[n]) for n, _ in rule.scalars]
+        run.step_slots = _Slots(by_name["step"]) if rule.step_in_state and by_name["step"] \
+            else None
+        run.scalar_slots = [_Slots(by_name[n]) for n, _ in rule.scalars]
         width = 2 + len(rule.buffers)
         run.ptrs = (np.array(rows, dtype=np.uintp).reshape(-1, width) if rows
                     else np.zeros((0, width), dtype=np.uintp))
         run.lengths = np.array(lengths, dtype=np.intp)
+        run.gcol = run.ptrs[:, 1].tolist()
         return run
 
     def _dense_row(self, rec, needed, run):
@@ -890,6 +944,11 @@ class Optimizer(torch.optim.Optimizer):
 
     def __repr__(self):
         return "fastopt.torch." + super().__repr__()
+
+
+_GLOBAL_PRE = _torch_optimizer._global_optimizer_pre_hooks
+_GLOBAL_POST = _torch_optimizer._global_optimizer_post_hooks
+_hooked_step = torch.optim.Optimizer.profile_hook_step(Optimizer._step)
 
 
 def with_state_dict_hooks(opt, build) -> dict:
