@@ -883,3 +883,134 @@ def test_state_dict_of_other_groups_raises_value_error():
     with pytest.raises(ValueError, match="(?i)group|size|param"):
         opt.load_state_dict(sd)
     assert_unchanged(before, snapshot(model, opt))
+
+
+# ---------------------------------------------------------------------------
+# The segment tables the adapter hands to the kernel engine
+# ---------------------------------------------------------------------------
+
+import fastopt.torch.optimizer as fot_optimizer  # noqa: E402
+from fastopt.torch._segments_standin import check_segments  # noqa: E402
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every run_segments call: (kernel, a copy of its table, lengths, check)."""
+    seen = []
+    real = fot_optimizer.run_segments
+
+    def recording(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True):
+        seen.append((kernel, ptrs.copy(), lengths.copy(), check))
+        return real(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=check)
+
+    monkeypatch.setattr(fot_optimizer, "run_segments", recording)
+    return seen
+
+
+def assert_unchecked_tables_were_checked(calls):
+    """check=False only for a table identical to one checked before."""
+    checked = []
+    for kernel, ptrs, lengths, check in calls:
+        if check:
+            checked.append((ptrs, lengths))
+        else:
+            assert any(np.array_equal(ptrs, a) and np.array_equal(lengths, b)
+                       for a, b in checked), "an unchecked table was never checked"
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_sparse_rows_are_segments(name, calls):
+    """Each run of consecutive touched rows of a sparse gradient is one segment:
+    param rows, gradient values, state rows; untouched rows are not read or
+    written, and the result is torch's."""
+    hp = dict(lr=0.1)
+    runs = []
+    for lib in (fot, torch.optim):
+        torch.manual_seed(0)
+        emb = nn.Embedding(10, 3, sparse=True).double()
+        opt = getattr(lib, name)(emb.parameters(), **hp)
+        for idx in ([1, 2, 3, 7, 3], [0, 9]):
+            opt.zero_grad()
+            emb(torch.tensor(idx)).square().sum().backward()
+            opt.step()
+        runs.append((emb, opt))
+    (e_fo, o_fo), (e_t, o_t) = runs
+    assert_close_run(e_fo.weight.detach(), e_t.weight.detach(), torch.float64, "param")
+    if name == "Adagrad":
+        assert_close_run(o_fo.state[e_fo.weight]["sum"], o_t.state[e_t.weight]["sum"],
+                         torch.float64, "sum")
+        untouched = [4, 5, 6, 8]
+        assert not o_fo.state[e_fo.weight]["sum"][untouched].any()
+    base = e_fo.weight.data_ptr()
+    row = 3 * 8
+    (k1, t1, l1, c1), (k2, t2, l2, c2) = calls
+    assert c1 and c2
+    assert list(l1) == [9, 3] and list(t1[:, 0]) == [base + 1 * row, base + 7 * row]
+    assert list(l2) == [3, 3] and list(t2[:, 0]) == [base, base + 9 * row]
+    if name == "Adagrad":
+        s = o_fo.state[e_fo.weight]["sum"].data_ptr()
+        assert list(t1[:, 2]) == [s + 1 * row, s + 7 * row]
+
+
+def test_tables_follow_replaced_state_and_moved_params(calls):
+    """A replaced state tensor, a param re-pointed with .data, new gradients: the
+    next table holds the new addresses, checked; an unchanged table is reused
+    unchecked; the run is torch's."""
+    dtype = torch.float64
+    runs = []
+    for lib in (fot, torch.optim):
+        model = make_net(dtype)
+        opt = lib.Adam(model.parameters(), lr=0.01)
+        for i, idx in enumerate(batches(8)):
+            if i == 3:  # replaced state: a copy, scaled
+                st = opt.state[model.head.weight]
+                st["exp_avg"] = st["exp_avg"] * 0.5
+            if i == 5:  # p.data re-pointed at a copy
+                model.conv2.weight.data = model.conv2.weight.data.clone()
+            opt.zero_grad()
+            loss_on(model, idx).backward()
+            opt.step()
+        runs.append(model)
+    assert_close_run(flat(runs[0]), flat(runs[1]), dtype, "param")
+    assert_unchecked_tables_were_checked(calls)
+    assert len(calls) == 8  # one call per step: one group, one device, one dtype
+    model = runs[0]
+    # the last table names the model's tensors as they are now
+    last = calls[-1][1]
+    ptrs = {int(a) for a in last[:, 0]}
+    assert {p.data_ptr() for p in model.parameters()} == ptrs
+
+
+def test_gradients_at_the_same_address_reuse_the_checked_table(calls):
+    p = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    g = torch.randn(5, dtype=torch.float64)
+    opt = fot.AdamW([p])
+    for _ in range(3):
+        p.grad = g
+        opt.step()
+    assert [c for *_, c in calls] == [True, False, False]
+    assert_unchecked_tables_were_checked(calls)
+
+
+def test_overlapping_params_raise_value_error_and_change_nothing():
+    base = torch.zeros(10, dtype=torch.float64)
+    a, b = nn.Parameter(base[0:6]), nn.Parameter(base[4:10])
+    opt = fot.SGD([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="overlap"):
+        opt.step()
+    assert not base.any()
+
+
+def test_segment_check_names_the_overlap():
+    f = np.float64().itemsize
+    ok = np.array([[1000, 5000, 9000], [1000 + 4 * f, 5000, 9000 + 4 * f]], np.uintp)
+    check_segments(ok, np.array([4, 4]), f)  # gradients may be shared
+    bad = ok.copy()
+    bad[1, 2] = 9000 + 2 * f  # state rows overlap
+    with pytest.raises(ValueError, match="segment 1: slot 2"):
+        check_segments(bad, np.array([4, 4]), f)
+    bad = ok.copy()
+    bad[1, 1] = 1000  # a gradient over a parameter
+    with pytest.raises(ValueError, match="segment 1: slot 1|segment 0: slot 0"):
+        check_segments(bad, np.array([4, 4]), f)
