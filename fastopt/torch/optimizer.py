@@ -666,11 +666,17 @@ class Optimizer(torch.optim.Optimizer):
         # the next step replays these runs if nothing changes and every one of them
         # is a plain table (no copies, no sparse rows)
         gc.runs = runs if all(r.cacheable for r in runs) else None
+        for run in runs:
+            run.recs = None
+        if gc.runs is None:
+            for rec in gc.recs:  # the gradients themselves are not kept
+                rec.g = rec.bufs = None
         if gc.runs is not None:
             for rec in gc.recs:
                 if rec.g is not None:
                     rec.pp = rec.p.data_ptr()
                     rec.gp = rec.g.data_ptr()
+                    rec.g = True  # had a gradient; the tensor itself is not kept
                     rec.shape = rec.p.shape
                     rec.stride = rec.p.stride()
                     rec.sd = sd = self.state.get(rec.p)
