@@ -1,5 +1,5 @@
-"""A pure-Python stand-in for ``fastopt.backends.run_segments`` (same call, same
-checks, same results), used until the backends provide the compiled engine.
+"""A pure-Python stand-in for a backend's segment engine (``backend.run_segments``:
+same table, same checks, same results), for a backend that has none.
 
     run_segments(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True)
 

@@ -21,6 +21,7 @@ NumPy operation; a user's in-place edit of them is seen at the next step.
 
 from __future__ import annotations
 
+import re
 import weakref
 from itertools import chain
 
@@ -32,7 +33,18 @@ from fastopt import backends
 from fastopt.rules import RULES, Rule
 from fastopt.torch import _segments_standin
 
-run_segments = getattr(backends, "run_segments", None) or _segments_standin.run_segments
+
+
+def run_segments(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True):
+    """One kernel call over the segments of ``ptrs``/``lengths`` on ``backend``: its
+    segment engine, or the stand-in for a backend without one (each segment a
+    per-array call)."""
+    engine = getattr(backend, "run_segments", None)
+    if engine is None:
+        return _segments_standin.run_segments(backend, kernel, dtype, ptrs, lengths,
+                                              args, nthreads, check)
+    return engine(kernel, dtype, ptrs, lengths, args, nthreads, check)
+
 
 _increment_version = torch.autograd.graph.increment_version
 
@@ -48,7 +60,7 @@ _REFUSED = {"capturable": "CUDA graph capture needs per-step scalars on the devi
             "differentiable": "fastopt's kernels update parameters outside autograd"}
 
 _FLOAT = (torch.float32, torch.float64)
-_NP = {torch.float32: np.float32, torch.float64: np.float64}
+_NP = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 # every state key some rule keeps: a loaded entry with one of another rule's keys
 # is another optimizer's state (keys no rule has belong to wrappers, and are kept)
@@ -191,7 +203,7 @@ class _Rec:
     dtypes, shapes, strides), and what the kernel call needs (addresses, length,
     slots of step and scalars)."""
 
-    __slots__ = ("p", "g", "sd", "entries", "pp", "gp", "dtype", "shape", "stride",
+    __slots__ = ("p", "index", "g", "sd", "entries", "pp", "gp", "dtype", "shape", "stride",
                  "gstride", "device", "row", "length", "slots", "t", "scalars", "fresh",
                  "missing", "foreign", "copy", "sparse", "cacheable", "bufs")
 
@@ -200,7 +212,7 @@ class _Run:
     """Parameters stepped by one kernel call; ``rows`` are the records whose rows
     the table holds, in order (not the empty ones)."""
 
-    __slots__ = ("recs", "rows", "backend", "np_dtype", "ptrs", "lengths", "checked", "params",
+    __slots__ = ("recs", "rows", "labels", "backend", "np_dtype", "ptrs", "lengths", "checked", "params",
                  "step_slots", "scalar_slots", "gcol", "t", "scalars", "fresh", "cacheable",
                  "pre", "post")
 
@@ -499,6 +511,7 @@ class Optimizer(torch.optim.Optimizer):
         for k, p in enumerate(gc.group["params"]):
             rec = _Rec()
             rec.p = p
+            rec.index = k
             g = p.grad
             rec.g = g
             all_recs.append(rec)
@@ -654,8 +667,16 @@ class Optimizer(torch.optim.Optimizer):
             for dst, src in run.pre:
                 dst.copy_(src)
             if len(run.lengths):
-                run_segments(run.backend, self.rule.kernel, run.np_dtype, run.ptrs,
-                             run.lengths, args, nthreads, check=True)
+                try:
+                    run_segments(run.backend, self.rule.kernel, run.np_dtype, run.ptrs,
+                                 run.lengths, args, nthreads, check=True)
+                except ValueError as exc:  # the engine names segments: name params
+                    labels = run.labels
+                    msg = re.sub(r"(segment |\[)(\d+)",
+                                 lambda m: m.group(1) + str(labels[int(m.group(2))]),
+                                 str(exc))
+                    raise ValueError(f"{msg} (numbered as the parameters of param "
+                                     f"group {self._group_index(gc.group)})") from None
             run.checked = True
             for dst, src in run.post:
                 dst.copy_(src)
@@ -760,6 +781,7 @@ class Optimizer(torch.optim.Optimizer):
         run.params = [r.p for r in members]
         run.pre, run.post = [], []
         run.rows = []
+        run.labels = []
         run.cacheable = True
         slot_names = ["step"] * rule.step_in_state + [n for n, _ in rule.scalars]
         by_name = {n: [] for n in slot_names}
@@ -780,6 +802,7 @@ class Optimizer(torch.optim.Optimizer):
                 run.cacheable = False
             rows.append(row)
             run.rows.append(rec)
+            run.labels.append(rec.index)
             lengths.append(n)
         run.step_slots = _Slots(by_name["step"]) if rule.step_in_state and by_name["step"] \
             else None
@@ -844,6 +867,7 @@ class Optimizer(torch.optim.Optimizer):
                 row, _ = self._dense_row(rec, needed, run)
                 rows.append(row)
                 lengths.append(n)
+                run.labels.append(rec.index)
             rec.sparse = True
             return
         work = p if p.is_contiguous() else p.contiguous()
@@ -883,6 +907,7 @@ class Optimizer(torch.optim.Optimizer):
                 cols.append(np.zeros(len(starts), dtype=np.uint64))
         table = np.stack(cols, axis=1).astype(np.uintp)
         rows.extend(table.tolist())
+        run.labels.extend([rec.index] * len(starts))
         lengths.extend((counts * width).tolist())
 
     # -- checkpoints in torch's format ---------------------------------------------
