@@ -60,6 +60,7 @@ _REFUSED = {"capturable": "CUDA graph capture needs per-step scalars on the devi
             "differentiable": "fastopt's kernels update parameters outside autograd"}
 
 _FLOAT = (torch.float32, torch.float64)
+_NONE: dict = {}  # the scalar state of a rule without any
 _NP = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 # every state key some rule keeps: a loaded entry with one of another rule's keys
@@ -274,6 +275,7 @@ class Optimizer(torch.optim.Optimizer):
             self._init_all_state()
 
     def _init_caches(self):
+        self._scalar_names = tuple(n for n, _ in self.rule.scalars)
         self._hp_cache: dict = {}     # id(group) -> (group, raw, hp)
         self._groups: dict = {}       # id(group) -> _GroupCache
         self._bank = _Bank()
@@ -329,14 +331,14 @@ class Optimizer(torch.optim.Optimizer):
     def _group_hypers(self, group) -> dict:
         return self.rule.check_hypers(dict(zip(self._hyper_names, _plain(self._raw(group)))))
 
-    def _hypers(self, group) -> dict:
-        """The group's hyperparameters as the kernels take them, re-read when a value
-        changed. torch validates values in the constructor only: a later value
+    def _hypers(self, group):
+        """(hp, state buffers they use): the group's hyperparameters as the kernels
+        take them, re-read when a value changed. torch validates values in the constructor only: a later value
         (lr < 0 mid-run, say) is used as given once its type is right."""
         raw = self._raw(group)
         cached = self._hp_cache.get(id(group))
         if cached is not None and cached[0] is group and cached[1] == raw:
-            return cached[2]
+            return cached[2], cached[3]
         values = dict(zip(self._hyper_names, _plain(raw)))
         try:
             hp = self.rule.check_hypers(values)
@@ -344,8 +346,9 @@ class Optimizer(torch.optim.Optimizer):
             hp = {h.name: h.coerce(values[h.name]) for h in self.rule.hypers}
         # a value that can change in place (a tensor, a list) compares equal to itself
         # after a change: such a group is re-read every step
-        self._hp_cache[id(group)] = (group, object() if _mutable(raw) else raw, hp)
-        return hp
+        needed = self.rule.needed_buffers(hp)
+        self._hp_cache[id(group)] = (group, object() if _mutable(raw) else raw, hp, needed)
+        return hp, needed
 
     # -- state ---------------------------------------------------------------------
     def _init_all_state(self):
@@ -388,20 +391,19 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = self.param_groups
-        live = set()
+        caches = self._groups
         # every group is checked before anything is written
         work = []
         for group in groups:
-            hp = self._hypers(group)
-            gc = self._groups.get(id(group))
-            needed = self._needed(hp)
+            hp, needed = self._hypers(group)
+            gc = caches.get(id(group))
             if gc is None or gc.group is not group or gc.needed != needed:
-                gc = self._groups[id(group)] = _GroupCache(group, needed)
-            live.add(id(group))
+                gc = caches[id(group)] = _GroupCache(group, needed)
             work.append((gc, hp, self._prepare(gc, hp)))
-        if len(self._groups) > len(live):
-            for k in [k for k in self._groups if k not in live]:
-                del self._groups[k]
+        if len(caches) > len(groups):  # groups were removed: forget them
+            live = {id(g) for g in groups}
+            for k in [k for k in caches if k not in live]:
+                del caches[k]
                 self._hp_cache.pop(k, None)
         nthreads = backends.num_threads()
         for gc, hp, plan in work:
@@ -410,9 +412,6 @@ class Optimizer(torch.optim.Optimizer):
 
     def _optimizer_step_code(self) -> None:
         """torch's profiler hooks this after each step."""
-
-    def _needed(self, hp):
-        return self.rule.needed_buffers(hp)
 
     def _prepare(self, gc, hp):
         """Check a group for this step without writing; returns what ``_execute``
@@ -449,9 +448,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def _args(self, hp, t, scalars, fresh):
         rule = self.rule
-        names = [n for n, _ in rule.scalars]
+        names = self._scalar_names
         try:
-            args, new = rule.plan(hp, t + 1, dict(zip(names, scalars)), fresh)
+            args, new = rule.plan(hp, t + 1, dict(zip(names, scalars)) if names else _NONE,
+                                  fresh)
         except (ZeroDivisionError, OverflowError, ValueError) as exc:
             raise ValueError(f"fastopt.torch.{rule.name}: the hyperparameters "
                              f"{ {k: v for k, v in hp.items()} } give no finite step at "
@@ -703,10 +703,7 @@ class Optimizer(torch.optim.Optimizer):
                     rec.sd = sd = self.state.get(rec.p)
                     rec.entries = () if sd is None else tuple(
                         (k, v) for k, v in sd.items()
-                        if k == "step" or k in gc.needed or k in self._scalar_names())
-
-    def _scalar_names(self):
-        return [n for n, _ in self.rule.scalars]
+                        if k == "step" or k in gc.needed or k in self._scalar_names)
 
     def _advance(self, run, new_scalars):
         if run.step_slots:
