@@ -69,6 +69,16 @@ _ALL_STATE_KEYS = frozenset(chain(["step"], *([b.name for b in r.buffers] + [n f
                                               for r in RULES.values())))
 
 
+class StateTypeError(TypeError, RuntimeError):
+    """A state tensor of another dtype than its parameter (torch's in-place update
+    raises RuntimeError there)."""
+
+
+class StateValueError(ValueError, RuntimeError):
+    """A state tensor of another shape or device than its parameter (torch raises
+    RuntimeError)."""
+
+
 class SparseGradientError(RuntimeError, TypeError):
     """torch raises RuntimeError for a sparse gradient a rule cannot take; it is
     also a TypeError (the gradient's kind is wrong), fastopt's exception for that."""
@@ -215,7 +225,7 @@ class _Run:
 
     __slots__ = ("recs", "rows", "labels", "backend", "np_dtype", "ptrs", "lengths", "checked", "params",
                  "step_slots", "scalar_slots", "gcol", "t", "scalars", "fresh", "cacheable",
-                 "pre", "post")
+                 "keep", "post")
 
 
 class _Slots:
@@ -275,6 +285,10 @@ class Optimizer(torch.optim.Optimizer):
             self._init_all_state()
 
     def _init_caches(self):
+        # torch's SGD and Adagrad update a state buffer of another float dtype than
+        # its parameter in place (model.double() mid-run), its other rules raise:
+        # those two step through a copy in the parameter's dtype
+        self._casts_state = self.rule.kernel in ("sgd", "adagrad")
         self._scalar_names = tuple(n for n, _ in self.rule.scalars)
         self._hp_cache: dict = {}     # id(group) -> (group, raw, hp)
         self._groups: dict = {}       # id(group) -> _GroupCache
@@ -283,6 +297,11 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # a checkpoint of an older torch lacks newer keys (maximize, foreach, ...):
+        # defaults, as torch's classes set them in their __setstate__
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
         if not hasattr(self, "_bank"):
             self._hyper_names = tuple(h.name for h in self.rule.hypers)
             self._init_caches()
@@ -310,9 +329,6 @@ class Optimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_params(params):
-        if len(set(map(id, params))) != len(params):
-            raise ValueError("a param group lists the same parameter twice; fastopt "
-                             "steps each parameter once")
         for k, p in enumerate(params):
             check_param_dtype(p, f"param {k} of the group")
             if p.layout != torch.strided:
@@ -437,6 +453,19 @@ class Optimizer(torch.optim.Optimizer):
                 plans.append((run, t, self._args(hp, t, scalars, False)))
             else:
                 return ("replay", plans)
+        params = gc.group["params"]
+        if len(set(map(id, params))) != len(params):
+            # torch steps a parameter listed twice twice (it warns at construction):
+            # one pass per listing, each a group of its own
+            seen: dict = {}
+            passes: list = []
+            for p in params:
+                k = seen.get(id(p), 0)
+                seen[id(p)] = k + 1
+                if k == len(passes):
+                    passes.append([])
+                passes[k].append(p)
+            return ("passes", passes)
         recs = self._check_group(gc, hp)
         keyed: dict = {}
         for rec in recs:
@@ -597,7 +626,8 @@ class Optimizer(torch.optim.Optimizer):
             v = sd.get(name)
             if v is None:
                 rec.missing.append(name)
-                scalars.append(init[name])
+                # as the bank will hold it (torch: eta = lr as a float32 tensor)
+                scalars.append(float(np.array(init[name], dtype=_NP[_scalar_dtype()])))
             else:
                 scalars.append(self._scalar_of(v, f"{where}: state {name!r}", name, rec, slots))
         if rule.scalars and not rec.missing:
@@ -611,13 +641,21 @@ class Optimizer(torch.optim.Optimizer):
             if v is None:
                 rec.missing.append(name)
                 continue
-            bufs[name] = self._check_buffer(p, v, f"{where}: state {name!r}")
+            bufs[name] = self._check_buffer(p, v, f"{where}: state {name!r}",
+                                            self._casts_state)
         fresh = False
         if t is None:  # SGD keeps no count: whether its buffer exists is what matters
             t = 1.0 if needed and not any(n in rec.missing for n in needed) else 0.0
         elif t > 0 and any(n in rec.missing for n in needed):
             fresh = True  # a buffer born after step 1: the rule's first-use path
         rec.t, rec.scalars, rec.fresh = t, tuple(scalars), fresh
+        if any(v.dtype != p.dtype for v in bufs.values()):
+            if rec.sparse:
+                raise StateTypeError(f"{where}: state of another dtype than the parameter "
+                                     "with a sparse gradient")
+            # torch computes in the wider dtype and rounds what it stores: so does
+            # the copy this parameter steps through
+            rec.dtype = torch.float64
         rec.slots = slots
         rec.bufs = bufs
 
@@ -631,20 +669,25 @@ class Optimizer(torch.optim.Optimizer):
         return value
 
     @staticmethod
-    def _check_buffer(p, v, where):
+    def _check_buffer(p, v, where, casts=False):
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{where} must be a tensor, got {type(v).__name__}")
-        if v.dtype != p.dtype:
-            raise TypeError(f"{where} is {v.dtype}, the parameter {p.dtype}")
+        if v.dtype != p.dtype and not (casts and v.dtype in _FLOAT):
+            raise StateTypeError(f"{where} is {v.dtype}, the parameter {p.dtype}")
         if v.device != p.device:
-            raise ValueError(f"{where} is on {v.device}, the parameter on {p.device}")
+            raise StateValueError(f"{where} is on {v.device}, the parameter on {p.device}")
         if v.shape != p.shape:
-            raise ValueError(f"{where} has shape {tuple(v.shape)}, the parameter "
+            raise StateValueError(f"{where} has shape {tuple(v.shape)}, the parameter "
                              f"{tuple(p.shape)}")
         return v
 
     # -- execution -------------------------------------------------------------------
     def _execute(self, gc, hp, plan, nthreads):
+        if plan[0] == "passes":
+            for params in plan[1]:
+                sub = _GroupCache({**gc.group, "params": params}, gc.needed)
+                self._execute(sub, hp, self._prepare(sub, hp), nthreads)
+            return
         if plan[0] == "replay":
             for run, t, (args, new_scalars) in plan[1]:
                 run.t = t
@@ -664,8 +707,6 @@ class Optimizer(torch.optim.Optimizer):
         runs = []
         for key, members, (args, new_scalars) in plans:
             run = self._build_run(key, members, gc.needed)
-            for dst, src in run.pre:
-                dst.copy_(src)
             if len(run.lengths):
                 try:
                     run_segments(run.backend, self.rule.kernel, run.np_dtype, run.ptrs,
@@ -680,7 +721,7 @@ class Optimizer(torch.optim.Optimizer):
             run.checked = True
             for dst, src in run.post:
                 dst.copy_(src)
-            run.pre = run.post = ()
+            run.keep = run.post = ()
             self._advance(run, new_scalars)
             _increment_version(run.params)
             runs.append(run)
@@ -776,7 +817,7 @@ class Optimizer(torch.optim.Optimizer):
         run.np_dtype = _NP[dtype]
         run.t, run.scalars, run.fresh = t, scalars, fresh
         run.params = [r.p for r in members]
-        run.pre, run.post = [], []
+        run.keep, run.post = [], []  # copies the kernel runs on; copies back
         run.rows = []
         run.labels = []
         run.cacheable = True
@@ -818,16 +859,17 @@ class Optimizer(torch.optim.Optimizer):
         other strides) is stepped through a copy in the parameter's layout."""
         p, g = rec.p, rec.g
         copied = False
-        if _dense(p):
+        if _dense(p) and p.dtype == rec.dtype:
             work = p
         else:
-            work = p.contiguous()
+            work = p.to(dtype=rec.dtype, memory_format=torch.contiguous_format, copy=True)
             run.post.append((p, work))
             copied = True
         layout = work.stride()
-        if g.stride() != layout or not _dense(g):
+        if g.stride() != layout or not _dense(g) or g.dtype != work.dtype:
             gw = torch.empty_like(work)
             gw.copy_(g)
+            run.keep.append(gw)  # alive until the kernel has run
             g = gw
             copied = True
         row = [work.data_ptr(), g.data_ptr()]
@@ -836,9 +878,11 @@ class Optimizer(torch.optim.Optimizer):
                 row.append(0)
                 continue
             v = rec.bufs[b.name]
-            if v.stride() != layout or not _dense(v) or v.layout != torch.strided:
+            if v.stride() != layout or not _dense(v) or v.layout != torch.strided or \
+                    v.dtype != work.dtype:
                 vw = torch.empty_like(work)
                 vw.copy_(v.to_dense() if v.layout != torch.strided else v)
+                run.keep.append(vw)
                 if v.layout != torch.strided:  # torch's sparse SGD momentum: made dense
                     rec.sd[b.name] = vw
                 else:
