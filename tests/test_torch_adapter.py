@@ -1014,3 +1014,64 @@ def test_segment_check_names_the_overlap():
     bad[1, 1] = 1000  # a gradient over a parameter
     with pytest.raises(ValueError, match="segment 1: slot 1|segment 0: slot 0"):
         check_segments(bad, np.array([4, 4]), f)
+
+
+# ---------------------------------------------------------------------------
+# What torch's own loop tolerates, fastopt.torch does the same way
+# ---------------------------------------------------------------------------
+
+def _side_by_side_loop(name, hp, build, mutate=None, steps=4):
+    dtype = torch.float64
+    out = []
+    with default_dtype(dtype):
+        for lib in (fot, torch.optim):
+            model = make_net(dtype)
+            opt = build(lib, model)
+            for i, idx in enumerate(batches(steps)):
+                opt.zero_grad()
+                loss_on(model, idx).backward()
+                if mutate is not None:
+                    mutate(model)
+                opt.step()
+            out.append((model, opt))
+    (m_fo, _), (m_t, _) = out
+    assert_close_run(flat(m_fo), flat(m_t), dtype, "param")
+    return out
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_gradients_with_other_strides(name):
+    """A transposed gradient and a broadcast (stride 0) one step through copies in
+    the parameter's layout."""
+    def mutate(model):
+        w, b = model.head.weight, model.head.bias
+        w.grad = w.grad.t().contiguous().t()
+        b.grad = b.grad.mean().reshape(1).expand_as(b)
+    _side_by_side_loop(name, HP[name], lambda lib, m: getattr(lib, name)(m.parameters(),
+                                                                       **HP[name]), mutate)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_a_parameter_listed_twice_is_stepped_twice(name):
+    import warnings
+
+    def build(lib, model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the duplicate
+            return getattr(lib, name)(list(model.parameters()) + [model.head.weight],
+                                      **HP[name])
+    (_, o_fo), (_, o_t) = _side_by_side_loop(name, HP[name], build)
+    if name == "Adam":
+        assert [float(s["step"]) for s in o_fo.state.values()] == \
+            [float(s["step"]) for s in o_t.state.values()]
+
+
+def test_a_checkpoint_without_newer_keys_loads_with_defaults():
+    model, opt = _trained(fot.Adam, lr=0.01)
+    sd = through_disk(opt.state_dict())
+    for g in sd["param_groups"]:
+        for key in ("maximize", "foreach", "capturable", "differentiable", "fused"):
+            del g[key]
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["maximize"] is False
+    train(model, opt, 1)

@@ -684,7 +684,18 @@ class Optimizer(torch.optim.Optimizer):
     # -- execution -------------------------------------------------------------------
     def _execute(self, gc, hp, plan, nthreads):
         if plan[0] == "passes":
-            for params in plan[1]:
+            passes = plan[1]
+            # torch reads SGD's momentum buffers before any update: a parameter
+            # without one starts a new buffer in every pass (the last is kept)
+            fresh = [] if self.rule.step_in_state else [
+                (p, name) for p in passes[0] for name in gc.needed
+                if name not in self.state.get(p, ())]
+            for k, params in enumerate(passes):
+                if k:
+                    here = set(map(id, params))
+                    for p, name in fresh:
+                        if id(p) in here:
+                            self.state[p].pop(name, None)
                 sub = _GroupCache({**gc.group, "params": params}, gc.needed)
                 self._execute(sub, hp, self._prepare(sub, hp), nthreads)
             return
