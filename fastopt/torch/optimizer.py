@@ -214,7 +214,7 @@ class _Rec:
     dtypes, shapes, strides), and what the kernel call needs (addresses, length,
     slots of step and scalars)."""
 
-    __slots__ = ("p", "index", "g", "sd", "entries", "pp", "gp", "dtype", "shape", "stride",
+    __slots__ = ("p", "index", "g", "cuda", "sd", "entries", "pp", "gp", "dtype", "shape", "stride",
                  "gstride", "device", "row", "length", "slots", "t", "scalars", "fresh",
                  "missing", "foreign", "copy", "sparse", "cacheable", "bufs")
 
@@ -508,7 +508,7 @@ class Optimizer(torch.optim.Optimizer):
                 if r.g is None or p.data_ptr() != r.pp:
                     return False
                 dt = r.dtype
-                if p.dtype is not dt or g.dtype is not dt:
+                if p.dtype is not dt or g.dtype is not dt or g.is_cuda is not r.cuda:
                     return False
                 st = r.stride
                 if p.stride() != st or g.stride() != st:
@@ -750,6 +750,7 @@ class Optimizer(torch.optim.Optimizer):
                     rec.pp = rec.p.data_ptr()
                     rec.gp = rec.g.data_ptr()
                     rec.g = True  # had a gradient; the tensor itself is not kept
+                    rec.cuda = rec.device.type == "cuda"
                     rec.shape = rec.p.shape
                     rec.stride = rec.p.stride()
                     rec.sd = sd = self.state.get(rec.p)
