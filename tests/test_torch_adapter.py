@@ -687,57 +687,49 @@ def test_named_parameters_as_in_torch():
 
 
 # ---------------------------------------------------------------------------
-# Layout: flat buffers behind the parameters
+# In place: the model's tensors stay where they are
 # ---------------------------------------------------------------------------
 
-def assert_packed(tensors, what):
-    """Views of one storage without overlap (in any order: the adapter may put
-    frozen parameters last)."""
-    base = tensors[0].untyped_storage().data_ptr()
-    end = base
-    for t in sorted(tensors, key=lambda t: t.data_ptr()):
-        assert t.untyped_storage().data_ptr() == base, f"{what}: not one storage"
-        assert t.data_ptr() >= end, f"{what}: overlapping slices"
-        end = t.data_ptr() + t.numel() * t.element_size()
-    assert end <= base + tensors[0].untyped_storage().nbytes()
-
-
 @pytest.mark.parametrize("dt", list(DTYPES))
-def test_params_and_grads_are_views_of_flat_buffers(dt):
+def test_params_grads_and_state_stay_where_they_are(dt):
+    """Building the optimizer and stepping move nothing: each parameter keeps its
+    storage, each gradient stays the tensor backward made, the state is the
+    tensors the optimizer made at the first step, and zero_grad() is torch's
+    (set_to_none=True)."""
     dtype = DTYPES[dt]
     model = make_net(dtype, unused=True)
     model.conv1.bias.requires_grad_(False)
-    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    before = {n: (p, p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
     opt = fot.Adam(grouped(model, "Adam", HP["Adam"]), **HP["Adam"])
     for n, p in model.named_parameters():
-        assert p is before[n][0], f"{n} was replaced: the model must keep its Parameters"
-        assert_bitwise(p, before[n][1], f"packing changed {n}")
-    for g in opt.param_groups:
-        assert_packed(g["params"], "params")
-    train(model, opt, 2, zero="optimizer")
-    live = [p for p in model.parameters() if p.grad is not None]
-    assert_packed([p.grad for p in opt.param_groups[0]["params"] if p.grad is not None], "grads")
-    for p in live:
-        # the grad sits at the same offset in its buffer as the param in its own
-        off_p = p.data_ptr() - p.untyped_storage().data_ptr()
-        off_g = p.grad.data_ptr() - p.grad.untyped_storage().data_ptr()
-        assert off_p == off_g
-    assert model.conv1.bias.grad is None
+        assert p is before[n][0] and p.data_ptr() == before[n][1], n
+        assert_bitwise(p, before[n][2], f"building the optimizer changed {n}")
+    state_ptrs = None
+    for i, idx in enumerate(batches(3)):
+        opt.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+        loss_on(model, idx).backward()
+        grads = {n: (p.grad, p.grad.data_ptr()) for n, p in model.named_parameters()
+                 if p.grad is not None}
+        opt.step()
+        for n, p in model.named_parameters():
+            assert p.data_ptr() == before[n][1], f"{n} was re-pointed"
+            if n in grads:
+                assert p.grad is grads[n][0] and p.grad.data_ptr() == grads[n][1], n
+        ptrs = {n: {k: v.data_ptr() for k, v in opt.state[p].items()}
+                for n, p in model.named_parameters() if p in opt.state}
+        assert state_ptrs is None or ptrs == state_ptrs, "state tensors were replaced"
+        state_ptrs = ptrs
+    assert model.conv1.bias.grad is None and model.conv1.bias not in opt.state
     assert all(p.grad is None for p in model.unused.parameters())
-
-    ptrs = [p.grad.data_ptr() for p in live]
-    opt.zero_grad()  # fastopt's default: set_to_none=False, one pass over the buffer
-    assert [p.grad.data_ptr() for p in live] == ptrs
-    assert all(not p.grad.any() for p in live)
-    opt.zero_grad(set_to_none=True)
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p not in opt.state for p in model.unused.parameters())
 
 
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("name", ["Adam", "SGD", "Lion"])
 def test_model_zero_grad_gives_the_same_numbers(name, dt):
-    """Fresh grads gathered into the flat buffer (model.zero_grad()) or accumulated in
-    it (opt.zero_grad()): bit-for-bit the same run."""
+    """Gradients set to None (torch's default), zeroed in place by the optimizer or
+    by the model: bit-for-bit the same run."""
     dtype = DTYPES[dt]
     runs = {}
     for zero in ("model", "optimizer", "none", "alternate"):
@@ -891,3 +883,195 @@ def test_state_dict_of_other_groups_raises_value_error():
     with pytest.raises(ValueError, match="(?i)group|size|param"):
         opt.load_state_dict(sd)
     assert_unchanged(before, snapshot(model, opt))
+
+
+# ---------------------------------------------------------------------------
+# The segment tables the adapter hands to the kernel engine
+# ---------------------------------------------------------------------------
+
+import fastopt.torch.optimizer as fot_optimizer  # noqa: E402
+from fastopt.torch._segments_standin import check_segments  # noqa: E402
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every run_segments call: (kernel, a copy of its table, lengths, check)."""
+    seen = []
+    real = fot_optimizer.run_segments
+
+    def recording(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True):
+        seen.append((kernel, ptrs.copy(), lengths.copy(), check))
+        return real(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=check)
+
+    monkeypatch.setattr(fot_optimizer, "run_segments", recording)
+    return seen
+
+
+def assert_unchecked_tables_were_checked(calls):
+    """check=False only for a table identical to one checked before."""
+    checked = []
+    for kernel, ptrs, lengths, check in calls:
+        if check:
+            checked.append((ptrs, lengths))
+        else:
+            assert any(np.array_equal(ptrs, a) and np.array_equal(lengths, b)
+                       for a, b in checked), "an unchecked table was never checked"
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_sparse_rows_are_segments(name, calls):
+    """Each run of consecutive touched rows of a sparse gradient is one segment:
+    param rows, gradient values, state rows; untouched rows are not read or
+    written, and the result is torch's."""
+    hp = dict(lr=0.1)
+    runs = []
+    for lib in (fot, torch.optim):
+        torch.manual_seed(0)
+        emb = nn.Embedding(10, 3, sparse=True).double()
+        opt = getattr(lib, name)(emb.parameters(), **hp)
+        for idx in ([1, 2, 3, 7, 3], [0, 9]):
+            opt.zero_grad()
+            emb(torch.tensor(idx)).square().sum().backward()
+            opt.step()
+        runs.append((emb, opt))
+    (e_fo, o_fo), (e_t, o_t) = runs
+    assert_close_run(e_fo.weight.detach(), e_t.weight.detach(), torch.float64, "param")
+    if name == "Adagrad":
+        assert_close_run(o_fo.state[e_fo.weight]["sum"], o_t.state[e_t.weight]["sum"],
+                         torch.float64, "sum")
+        untouched = [4, 5, 6, 8]
+        assert not o_fo.state[e_fo.weight]["sum"][untouched].any()
+    base = e_fo.weight.data_ptr()
+    row = 3 * 8
+    (k1, t1, l1, c1), (k2, t2, l2, c2) = calls
+    assert c1 and c2
+    assert list(l1) == [9, 3] and list(t1[:, 0]) == [base + 1 * row, base + 7 * row]
+    assert list(l2) == [3, 3] and list(t2[:, 0]) == [base, base + 9 * row]
+    if name == "Adagrad":
+        s = o_fo.state[e_fo.weight]["sum"].data_ptr()
+        assert list(t1[:, 2]) == [s + 1 * row, s + 7 * row]
+
+
+def test_tables_follow_replaced_state_and_moved_params(calls):
+    """A replaced state tensor, a param re-pointed with .data, new gradients: the
+    next table holds the new addresses, checked; an unchanged table is reused
+    unchecked; the run is torch's."""
+    dtype = torch.float64
+    runs = []
+    for lib in (fot, torch.optim):
+        model = make_net(dtype)
+        opt = lib.Adam(model.parameters(), lr=0.01)
+        for i, idx in enumerate(batches(8)):
+            if i == 3:  # replaced state: a copy, scaled
+                st = opt.state[model.head.weight]
+                st["exp_avg"] = st["exp_avg"] * 0.5
+            if i == 5:  # p.data re-pointed at a copy
+                model.conv2.weight.data = model.conv2.weight.data.clone()
+            opt.zero_grad()
+            loss_on(model, idx).backward()
+            opt.step()
+        runs.append(model)
+    assert_close_run(flat(runs[0]), flat(runs[1]), dtype, "param")
+    assert_unchecked_tables_were_checked(calls)
+    assert len(calls) == 8  # one call per step: one group, one device, one dtype
+    model = runs[0]
+    # the last table names the model's tensors as they are now
+    last = calls[-1][1]
+    ptrs = {int(a) for a in last[:, 0]}
+    assert {p.data_ptr() for p in model.parameters()} == ptrs
+
+
+def test_gradients_at_the_same_address_reuse_the_checked_table(calls):
+    p = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    g = torch.randn(5, dtype=torch.float64)
+    opt = fot.AdamW([p])
+    for _ in range(3):
+        p.grad = g
+        opt.step()
+    assert [c for *_, c in calls] == [True, False, False]
+    assert_unchecked_tables_were_checked(calls)
+
+
+def test_overlapping_params_raise_value_error_and_change_nothing():
+    base = torch.zeros(10, dtype=torch.float64)
+    a, b = nn.Parameter(base[0:6]), nn.Parameter(base[4:10])
+    opt = fot.SGD([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"(overlap|shares memory).*param group 0"):
+        opt.step()
+    assert not base.any()
+
+
+def test_segment_check_names_the_overlap():
+    f = np.float64().itemsize
+    ok = np.array([[1000, 5000, 9000], [1000 + 4 * f, 5000, 9000 + 4 * f]], np.uintp)
+    check_segments(ok, np.array([4, 4]), f)  # gradients may be shared
+    bad = ok.copy()
+    bad[1, 2] = 9000 + 2 * f  # state rows overlap
+    with pytest.raises(ValueError, match="segment 1: slot 2"):
+        check_segments(bad, np.array([4, 4]), f)
+    bad = ok.copy()
+    bad[1, 1] = 1000  # a gradient over a parameter
+    with pytest.raises(ValueError, match="segment 1: slot 1|segment 0: slot 0"):
+        check_segments(bad, np.array([4, 4]), f)
+
+
+# ---------------------------------------------------------------------------
+# What torch's own loop tolerates, fastopt.torch does the same way
+# ---------------------------------------------------------------------------
+
+def _side_by_side_loop(name, hp, build, mutate=None, steps=4):
+    dtype = torch.float64
+    out = []
+    with default_dtype(dtype):
+        for lib in (fot, torch.optim):
+            model = make_net(dtype)
+            opt = build(lib, model)
+            for i, idx in enumerate(batches(steps)):
+                opt.zero_grad()
+                loss_on(model, idx).backward()
+                if mutate is not None:
+                    mutate(model)
+                opt.step()
+            out.append((model, opt))
+    (m_fo, _), (m_t, _) = out
+    assert_close_run(flat(m_fo), flat(m_t), dtype, "param")
+    return out
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_gradients_with_other_strides(name):
+    """A transposed gradient and a broadcast (stride 0) one step through copies in
+    the parameter's layout."""
+    def mutate(model):
+        w, b = model.head.weight, model.head.bias
+        w.grad = w.grad.t().contiguous().t()
+        b.grad = b.grad.mean().reshape(1).expand_as(b)
+    _side_by_side_loop(name, HP[name], lambda lib, m: getattr(lib, name)(m.parameters(),
+                                                                       **HP[name]), mutate)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_a_parameter_listed_twice_is_stepped_twice(name):
+    import warnings
+
+    def build(lib, model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the duplicate
+            return getattr(lib, name)(list(model.parameters()) + [model.head.weight],
+                                      **HP[name])
+    (_, o_fo), (_, o_t) = _side_by_side_loop(name, HP[name], build)
+    if name == "Adam":
+        assert [float(s["step"]) for s in o_fo.state.values()] == \
+            [float(s["step"]) for s in o_t.state.values()]
+
+
+def test_a_checkpoint_without_newer_keys_loads_with_defaults():
+    model, opt = _trained(fot.Adam, lr=0.01)
+    sd = through_disk(opt.state_dict())
+    for g in sd["param_groups"]:
+        for key in ("maximize", "foreach", "capturable", "differentiable", "fused"):
+            del g[key]
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["maximize"] is False
+    train(model, opt, 1)

@@ -176,12 +176,17 @@ def test_bad_input():
     with pytest.raises(ValueError, match="scalar"):
         opt.step(vector_loss)
 
-    def sparse_grad():
-        x.grad = torch.ones(3).to_sparse()
-        return torch.tensor(1.0)
-    with pytest.raises(TypeError, match="sparse"):
-        opt.step(sparse_grad)
     assert torch.equal(x.detach(), before)
+    # a sparse gradient counts as its dense self, as in torch.optim.LBFGS
+    pair = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    for p, sparse in zip(pair, (True, False)):
+        def closure(p=p, sparse=sparse):
+            g = p.detach() * 2
+            p.grad = g.to_sparse() if sparse else g
+            return (p.detach() ** 2).sum()
+        ft.LBFGS([p], max_iter=2).step(closure)
+    assert torch.equal(pair[0].detach(), pair[1].detach())
+    assert not torch.equal(pair[0].detach(), torch.ones(3))
     adam = ft.Adam([torch.nn.Parameter(torch.ones(3))])
     adam.param_groups[0]["params"][0].grad = torch.ones(3)
     adam.step()

@@ -6,14 +6,14 @@
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()                # one fused kernel call per (group, device, dtype)
-        opt.zero_grad()           # one memset; gradients stay in the flat layout
+        opt.zero_grad()           # torch's: gradients become None
 
 One class per registry rule, constructed exactly like torch's namesake (same
 positional order, names, defaults and validation messages), and a subclass of
 ``torch.optim.Optimizer``: LR schedulers, ``torch.amp.GradScaler``,
 ``ZeroRedundancyOptimizer(optimizer_class=...)`` and DDP drive it unchanged.
-Each group's parameters are packed into one flat buffer per (device, dtype) and
-``p.data`` is re-pointed at its slice; see ``fastopt.torch.layout``.
+The kernels run over the parameters, gradients and state tensors where they live;
+``opt.state`` holds torch's keys. See ``fastopt.torch.optimizer``.
 """
 
 from __future__ import annotations

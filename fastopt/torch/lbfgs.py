@@ -8,10 +8,12 @@
         return loss
     opt.step(closure)
 
-The parameters are packed into one flat CPU buffer (``layout.FlatLayout``) and the
-NumPy class runs the algorithm on its NumPy view; each closure call's gradients are
-read from the flat gradient buffer (gathered once if ``backward`` left fresh tensors).
-``state_dict()`` is torch.optim.LBFGS's format, so checkpoints move both ways.
+L-BFGS works on flat vectors, as torch's does: each step gathers the parameters
+into one flat vector, the NumPy class runs the algorithm on it, and before each
+closure call the vector is written back into the parameters (wherever they live
+now) and the closure's gradients are gathered into a flat gradient vector. No
+parameter is re-pointed. ``state_dict()`` is torch.optim.LBFGS's format, so
+checkpoints move both ways.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import numpy as np
 import torch
 
 from fastopt import lbfgs as _core
-from fastopt.torch.layout import FlatLayout, check_param_dtype
-from fastopt.torch.optimizer import after_load_pre_hooks, with_state_dict_hooks
+from fastopt.torch.optimizer import after_load_pre_hooks, check_param_dtype, \
+    with_state_dict_hooks
 
 _increment_version = torch.autograd.graph.increment_version
 _HYPERS = tuple(_core.DEFAULTS)
@@ -55,9 +57,14 @@ class LBFGS(torch.optim.Optimizer):
         if len({p.dtype for p in params}) > 1:
             raise TypeError("fastopt.torch.LBFGS needs all parameters in one dtype (one "
                             f"flat buffer); got {sorted(str(p.dtype) for p in params)}")
-        self._layout = FlatLayout(params, "fastopt.torch.LBFGS")
-        self._grad_np = self._layout.grad.numpy()
-        self._core = _core.LBFGS(self._layout.flat.numpy(), **self._core_hypers())
+        self._params = list(params)
+        self._shapes = [p.shape for p in params]
+        self._dtype = params[0].dtype if params else torch.float32
+        n = sum(p.numel() for p in params)
+        self._flat = torch.empty(n, dtype=self._dtype)       # the parameters, flat
+        self._flat_grad = torch.zeros(n, dtype=self._dtype)  # the closure's gradients
+        self._gather_params()
+        self._core = _core.LBFGS(self._flat.numpy(), **self._core_hypers())
         self.state = _State(self)
 
     def _core_hypers(self) -> dict:
@@ -73,20 +80,50 @@ class LBFGS(torch.optim.Optimizer):
             if want[name] != have[name]:
                 setattr(self._core, name, self.param_groups[0][name])
 
+    def _views(self, flat):
+        out, lo = [], 0
+        for shape in self._shapes:
+            n = shape.numel()
+            out.append(flat[lo:lo + n].view(shape))
+            lo += n
+        return out
+
+    def _check(self, i, t, what):
+        p = self._params[i]
+        if t.dtype != self._dtype:
+            raise TypeError(f"param {i}'s {what} has dtype {t.dtype}; this LBFGS was built "
+                            f"for {self._dtype} parameters (build it after converting the "
+                            "model)")
+        if t.shape != self._shapes[i]:
+            raise ValueError(f"param {i}'s {what} has shape {tuple(t.shape)}; it had "
+                             f"{tuple(self._shapes[i])} when this LBFGS was built")
+        if t.device.type != "cpu" or p.device.type != "cpu":
+            raise ValueError(f"param {i}'s {what} is on {t.device}; fastopt.torch.LBFGS "
+                             "runs on CPU tensors")
+
+    def _gather_params(self) -> None:
+        """The parameters, wherever they live now, into the flat vector."""
+        for i, (p, v) in enumerate(zip(self._params, self._views(self._flat))):
+            self._check(i, p, "data")
+            v.copy_(p.detach())
+
+    def _scatter_params(self) -> None:
+        """The flat vector back into the parameters."""
+        for p, v in zip(self._params, self._views(self._flat)):
+            p.detach().copy_(v)
+
     def _gather(self) -> None:
-        """The closure's gradients into the flat gradient buffer: views are already
-        there, fresh tensors are checked and copied, and a None gradient counts as
-        zeros (as torch.optim.LBFGS counts it)."""
-        lay = self._layout
-        foreign = []
-        for i, p in enumerate(lay.params):
+        """The closure's gradients into the flat gradient vector; a None gradient
+        counts as zeros and a sparse one is made dense, as torch.optim.LBFGS does."""
+        for i, (p, v) in enumerate(zip(self._params, self._views(self._flat_grad))):
             g = p.grad
             if g is None:
-                lay.grad_views[i].zero_()
-            elif g is not lay.grad_views[i]:
-                lay.check_grad(i, g)
-                foreign.append((i, g))
-        lay.adopt(foreign)
+                v.zero_()
+                continue
+            if g.layout != torch.strided:
+                g = g.to_dense()
+            self._check(i, g, "gradient")
+            v.copy_(g)
 
     def step(self, closure):
         if closure is None or not callable(closure):
@@ -94,32 +131,28 @@ class LBFGS(torch.optim.Optimizer):
                             f"the model and returns the loss, got {closure!r}")
         self._sync_hypers()
         first = []
+        grad_np = self._flat_grad.numpy()
 
         def evaluate():
+            with torch.no_grad():
+                self._scatter_params()
+            _increment_version(self._params)
             with torch.enable_grad():
                 loss = closure()
             if not first:
                 first.append(loss)
-            self._gather()
-            return _loss_number(loss), self._grad_np
+            with torch.no_grad():
+                self._gather()
+            return _loss_number(loss), grad_np
 
         with torch.no_grad():
-            self._core.step(evaluate)
-        _increment_version(self._layout.params)
+            self._gather_params()
+            try:
+                self._core.step(evaluate)
+            finally:
+                self._scatter_params()
+        _increment_version(self._params)
         return first[0]
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """As fastopt.torch's other optimizers: zero the flat gradient buffer and keep
-        the views (``set_to_none=True``: torch's default)."""
-        lay = self._layout
-        if set_to_none:
-            for p in lay.params:
-                p.grad = None
-            return
-        lay.grad.zero_()
-        for p, g in zip(lay.params, lay.grad_views):
-            if p.grad is not None and p.grad is not g:
-                p.grad = g
 
     # -- checkpoints in torch.optim.LBFGS's format ------------------------------------
     def state_dict(self) -> dict:
@@ -127,7 +160,7 @@ class LBFGS(torch.optim.Optimizer):
 
     def _state_dict(self) -> dict:
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        group["params"] = list(range(len(self._layout.params)))
+        group["params"] = list(range(len(self._params)))
         return {"state": {0: _to_torch(self._core.state_dict())}, "param_groups": [group]}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -137,7 +170,7 @@ class LBFGS(torch.optim.Optimizer):
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != 1:
             raise ValueError("loaded state dict has a different number of parameter groups")
-        if len(groups[0].get("params", ())) != len(self._layout.params):
+        if len(groups[0].get("params", ())) != len(self._params):
             raise ValueError("loaded state dict contains a parameter group that doesn't "
                              "match the size of optimizer's group")
         unknown = set(groups[0]) - set(_HYPERS) - {"params", "param_names"}
@@ -151,7 +184,7 @@ class LBFGS(torch.optim.Optimizer):
             raise ValueError("state_dict['state'] must hold at most one entry (LBFGS keeps "
                              "its state on the first parameter)")
         torch_state = next(iter(states.values()), {})
-        sd = _from_torch(torch_state, hp, self._layout.flat)
+        sd = _from_torch(torch_state, hp, self._flat)
         self._core.load_state_dict(sd)  # checks everything before it changes anything
         self.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -159,7 +192,7 @@ class LBFGS(torch.optim.Optimizer):
 
     def __getstate__(self):
         raise TypeError("fastopt.torch.LBFGS cannot be pickled or deep-copied (its "
-                        "parameters live in a flat buffer); save state_dict() instead")
+                        "history lives in a fastopt.LBFGS); save state_dict() instead")
 
     def __repr__(self):
         return "fastopt.torch." + super().__repr__()
@@ -253,12 +286,12 @@ class _State(Mapping):
         self._opt = opt
 
     def __getitem__(self, p):
-        if p is not self._opt._layout.params[0]:
+        if not self._opt._params or p is not self._opt._params[0]:
             raise KeyError(p)
         return _to_torch(self._opt._core.state_dict())
 
     def __iter__(self):
-        return iter(self._opt._layout.params[:1])
+        return iter(self._opt._params[:1])
 
     def __len__(self):
         return 1

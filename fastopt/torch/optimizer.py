@@ -1,37 +1,94 @@
-"""``fastopt.torch.Optimizer``: torch's optimizer protocol over fastopt's kernels.
+"""``fastopt.torch.Optimizer``: torch's optimizer protocol over fastopt's kernels, run
+over the tensors where they live.
 
-The class owns protocol and layout, never math: param groups, hyperparameters read
-from ``param_groups`` at every step (so torch's LR schedulers work unchanged),
-``state_dict`` in torch's format, ``zero_grad``, closures. Each group's tensors live
-in flat buffers (``layout.FlatGroup``), one per (device, dtype); a step is one call
-of the rule's kernel per flat buffer, through the same backend selection as the
-NumPy classes (compiled or Numba on the CPU, Numba CUDA on GPUs).
+The class owns protocol, never math. Parameters, gradients and state stay the
+tensors torch and the user know: ``opt.state`` is torch's ``defaultdict(dict)``
+with torch's keys, ``state_dict``/``load_state_dict``/``zero_grad`` are torch's.
+A step reads every parameter's and gradient's address (they can move behind the
+optimizer's back: ``Module._apply``, ``share_memory_``, ``p.data = ...``), checks
+them, and makes one kernel call per run of parameters that share (group, device,
+dtype, step count and scalar state) through the segment engine: one row of
+addresses per tensor (param, grad, state buffers), one parallel region.
+
+What only the optimizer changes is kept between steps: the addresses of the state
+tensors it was given or made (re-read when an entry of ``opt.state[p]`` is another
+object), and the table of a run, handed to the engine unchecked when it is
+identical to the last checked one. ``step`` and the scalar state (NAdam's
+``mu_product``, ASGD's ``eta``, ``mu``) are 0-dim tensors as torch keeps them,
+views of small banks the optimizer owns, so a run reads and advances them in one
+NumPy operation; a user's in-place edit of them is seen at the next step.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
-from copy import deepcopy
+import re
+import weakref
 from itertools import chain
 
+import numpy as np
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 from fastopt import backends
-from fastopt.rules import Rule
-from fastopt.torch.layout import NO_STATE, FlatGroup, check_param_dtype
+from fastopt.rules import RULES, Rule
+from fastopt.torch import _segments_standin
 
-# torch's dispatch flags. fastopt always makes one fused call per (group, device,
-# dtype): foreach and fused describe what it does anyway, so any value is accepted
-# and kept in the group. capturable (CUDA graph capture) and differentiable (autograd
-# through the step) need per-step scalars on the device and a differentiable
-# update, which fastopt does not have: they are refused rather than ignored.
+
+
+def run_segments(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True):
+    """One kernel call over the segments of ``ptrs``/``lengths`` on ``backend``: its
+    segment engine, or the stand-in for a backend without one (each segment a
+    per-array call)."""
+    engine = getattr(backend, "run_segments", None)
+    if engine is None:
+        return _segments_standin.run_segments(backend, kernel, dtype, ptrs, lengths,
+                                              args, nthreads, check)
+    return engine(kernel, dtype, ptrs, lengths, args, nthreads, check)
+
+
 _increment_version = torch.autograd.graph.increment_version
 
+# torch's dispatch flags. fastopt makes one fused call per run anyway: foreach and
+# fused describe what it does, so any value is accepted and kept in the group.
+# capturable (CUDA graph capture) and differentiable (autograd through the step)
+# need per-step scalars on the device and a differentiable update, which fastopt
+# does not have: they are refused rather than ignored.
 DISPATCH_FLAGS = {"foreach": None, "fused": None, "capturable": False,
                   "differentiable": False}
 _REFUSED = {"capturable": "CUDA graph capture needs per-step scalars on the device; "
                           "fastopt computes them on the host",
             "differentiable": "fastopt's kernels update parameters outside autograd"}
+
+_FLOAT = (torch.float32, torch.float64)
+_NONE: dict = {}  # the scalar state of a rule without any
+_NP = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+# every state key some rule keeps: a loaded entry with one of another rule's keys
+# is another optimizer's state (keys no rule has belong to wrappers, and are kept)
+_ALL_STATE_KEYS = frozenset(chain(["step"], *([b.name for b in r.buffers] + [n for n, _ in r.scalars]
+                                              for r in RULES.values())))
+
+
+class StateTypeError(TypeError, RuntimeError):
+    """A state tensor of another dtype than its parameter (torch's in-place update
+    raises RuntimeError there)."""
+
+
+class StateValueError(ValueError, RuntimeError):
+    """A state tensor of another shape or device than its parameter (torch raises
+    RuntimeError)."""
+
+
+class SparseGradientError(RuntimeError, TypeError):
+    """torch raises RuntimeError for a sparse gradient a rule cannot take; it is
+    also a TypeError (the gradient's kind is wrong), fastopt's exception for that."""
+
+
+def check_param_dtype(p: torch.Tensor, where: str) -> None:
+    if p.dtype not in _FLOAT:
+        raise TypeError(f"{where} has dtype {p.dtype}; fastopt.torch updates float32 and "
+                        "float64 parameters (fp16/bf16 are not supported yet: keep fp32 "
+                        "master weights, e.g. with torch.autocast)")
 
 
 def _plain(value):
@@ -51,17 +108,168 @@ def _mutable(values) -> bool:
                (isinstance(v, tuple) and _mutable(v)) for v in values)
 
 
-def _cache_entry(raw: tuple, hp: dict) -> tuple:
-    """(raw values to compare the group's with, their checked hp). A value that can
-    change in place (a tensor, a list) would compare equal to itself after a change
-    (tuple equality tries identity first), so such a group is cached with a raw that
-    matches nothing: it is re-checked every step. Decided once, not per step."""
-    return (object(), hp) if _mutable(raw) else (raw, hp)
-
-
 def _scalar_dtype():
-    # torch keeps 'step' in float32 unless the default dtype is float64
+    # torch keeps 'step' (and NAdam's/ASGD's scalars) in float32 unless the default
+    # dtype is float64
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill a block of memory exactly once
+    (contiguous, channels_last, transposed, ...), so an element-wise kernel can run
+    over the block in memory order."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def _number(v, where) -> float:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{where} must be a number or a 1-element tensor, got shape "
+                             f"{tuple(v.shape)}")
+        return float(v.item())
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{where} must be a number, got {type(v).__name__}")
+    return float(v)
+
+
+# ---------------------------------------------------------------------------
+# Scalar banks: 'step' and scalar state as 0-dim views of small CPU tensors
+# ---------------------------------------------------------------------------
+
+class _Bank:
+    """Chunks of scalar slots. A slot is (the chunk's NumPy view, index); the state
+    holds the slot's 0-dim tensor view. ``find`` recognises a view of a live chunk."""
+
+    def __init__(self):
+        # storage address -> weak reference to the chunk. The runs and records that
+        # use a chunk hold its NumPy view (which holds the chunk); once none does,
+        # the chunk goes, and a view of it the user kept counts as foreign
+        self._chunks: dict = {}
+
+    def new(self, values, dtype):
+        """Fresh 0-dim tensors holding ``values``, and their slots."""
+        if len(self._chunks) > 64:
+            self._chunks = {k: r for k, r in self._chunks.items() if r() is not None}
+        chunk = torch.tensor(values, dtype=dtype)
+        arr = chunk.numpy()
+        self._chunks[chunk.untyped_storage().data_ptr()] = weakref.ref(chunk)
+        return [chunk[i] for i in range(len(values))], [(arr, i) for i in range(len(values))]
+
+    def find(self, t):
+        """The slot of ``t`` if it is a view of a live chunk, else None."""
+        if not isinstance(t, torch.Tensor) or t.dim() != 0 or t.dtype not in _FLOAT or \
+                t.device.type != "cpu":
+            return None
+        ref = self._chunks.get(t.untyped_storage().data_ptr())
+        chunk = ref() if ref is not None else None
+        if chunk is None or chunk.dtype != t.dtype:
+            return None
+        return chunk.numpy(), t.storage_offset()
+
+    def adopt(self, tensors, values):
+        """Move foreign 0-dim CPU tensors into one new chunk (``set_``: the objects
+        stay the same, so whoever holds them sees the values advance, as with
+        torch's in-place ``step += 1``); returns their slots."""
+        slots = []
+        by_dtype: dict = {}
+        for k, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(k)
+        out = [None] * len(tensors)
+        for dtype, ks in by_dtype.items():
+            views, sl = self.new([values[k] for k in ks], dtype)
+            for k, v, s in zip(ks, views, sl):
+                t = tensors[k]
+                with torch.no_grad():
+                    t.set_(v.untyped_storage(), v.storage_offset(), (), ())
+                out[k] = s
+        slots.extend(out)
+        return slots
+
+    @staticmethod
+    def adoptable(t) -> bool:
+        return (isinstance(t, torch.Tensor) and t.dim() == 0 and t.dtype in _FLOAT and
+                t.device.type == "cpu" and not t.requires_grad and t.layout == torch.strided)
+
+
+def _read(slot) -> float:
+    arr, i = slot
+    return float(arr[i])
+
+
+# ---------------------------------------------------------------------------
+# Per-parameter records and runs
+# ---------------------------------------------------------------------------
+
+class _Rec:
+    """What a step checked about one parameter: enough to see next step whether
+    anything changed (identity of the param, state dict and entries; addresses,
+    dtypes, shapes, strides), and what the kernel call needs (addresses, length,
+    slots of step and scalars)."""
+
+    __slots__ = ("p", "index", "g", "cuda", "sd", "entries", "pp", "gp", "dtype", "shape", "stride",
+                 "gstride", "device", "row", "length", "slots", "t", "scalars", "fresh",
+                 "missing", "foreign", "copy", "sparse", "cacheable", "bufs")
+
+
+class _Run:
+    """Parameters stepped by one kernel call; ``rows`` are the records whose rows
+    the table holds, in order (not the empty ones)."""
+
+    __slots__ = ("recs", "rows", "labels", "backend", "np_dtype", "ptrs", "lengths", "checked", "params",
+                 "step_slots", "scalar_slots", "gcol", "t", "scalars", "fresh", "cacheable",
+                 "keep", "post")
+
+
+class _Slots:
+    """The slots of one scalar (``step``, say) of a run's parameters, read and
+    written a chunk at a time: a slice where the indices are consecutive (the
+    usual case: state made together), else an index array."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, slots):
+        groups: dict = {}
+        for arr, i in slots:
+            groups.setdefault(id(arr), (arr, []))[1].append(i)
+        self.parts = []
+        for arr, ix in groups.values():
+            if ix == list(range(ix[0], ix[0] + len(ix))):
+                self.parts.append((arr, slice(ix[0], ix[0] + len(ix))))
+            else:
+                self.parts.append((arr, np.array(ix, dtype=np.intp)))
+
+    def uniform(self):
+        """The common value of the slots, or None when they differ (or hold NaN)."""
+        value = None
+        for arr, ix in self.parts:
+            vals = arr[ix]
+            if vals.shape[0] == 1:
+                lo = hi = float(vals[0])
+            else:
+                lo, hi = float(vals.min()), float(vals.max())
+            if lo != hi or (value is not None and lo != value) or lo != lo:
+                return None
+            value = lo
+        return value
+
+    def write(self, value):
+        for arr, ix in self.parts:
+            arr[ix] = value
+
+
+class _GroupCache:
+    __slots__ = ("group", "needed", "recs", "runs")
+
+    def __init__(self, group, needed):
+        self.group, self.needed, self.recs, self.runs = group, needed, None, None
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -70,12 +278,35 @@ class Optimizer(torch.optim.Optimizer):
     rule: Rule
 
     def __init__(self, params, defaults: dict):
-        self._flat: list[list[FlatGroup]] = []   # per param group
-        self._hp_cache: list = []                # per param group: _cache_entry(...)
-        self._where: dict = {}                   # param -> (FlatGroup, index)
         self._hyper_names = tuple(h.name for h in self.rule.hypers)
+        self._init_caches()
         super().__init__(params, defaults)
-        self.state = _State(self)
+        if self.rule.state_at_init:
+            self._init_all_state()
+
+    def _init_caches(self):
+        # torch's SGD and Adagrad update a state buffer of another float dtype than
+        # its parameter in place (model.double() mid-run), its other rules raise:
+        # those two step through a copy in the parameter's dtype
+        self._casts_state = self.rule.kernel in ("sgd", "adagrad")
+        self._scalar_names = tuple(n for n, _ in self.rule.scalars)
+        self._hp_cache: dict = {}     # id(group) -> (group, raw, hp)
+        self._groups: dict = {}       # id(group) -> _GroupCache
+        self._bank = _Bank()
+        self._sparse_rule = self.rule.kernel in ("sgd", "adagrad")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # a checkpoint of an older torch lacks newer keys (maximize, foreach, ...):
+        # defaults, as torch's classes set them in their __setstate__
+        for group in self.param_groups:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        if not hasattr(self, "_bank"):
+            self._hyper_names = tuple(h.name for h in self.rule.hypers)
+            self._init_caches()
+        else:
+            self._groups.clear()
 
     # -- groups ------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -83,16 +314,11 @@ class Optimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._check_flags(group)
-            hp = self._group_hypers(group)
-            layout = self._pack(group["params"])
+            self._group_hypers(group)
+            self._check_params(group["params"])
         except Exception:
             self.param_groups.pop()
             raise
-        if self.rule.state_at_init:
-            for fg in layout:
-                fg.init_state(hp)
-        self._flat.append(layout)
-        self._hp_cache.append(_cache_entry(self._raw(group), hp))
 
     def _check_flags(self, group):
         for flag, why in _REFUSED.items():
@@ -101,6 +327,17 @@ class Optimizer(torch.optim.Optimizer):
                                  f"fastopt.torch.{self.rule.name}: {why} "
                                  f"(argument '{flag}')")
 
+    @staticmethod
+    def _check_params(params):
+        for k, p in enumerate(params):
+            check_param_dtype(p, f"param {k} of the group")
+            if p.layout != torch.strided:
+                raise TypeError(f"param {k} of the group is a {p.layout} tensor; fastopt "
+                                "updates dense parameters")
+            if p.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"param {k} of the group is on device {p.device}; "
+                                 "fastopt.torch runs on CPU and CUDA tensors")
+
     def _raw(self, group):
         try:
             return tuple([group[n] for n in self._hyper_names])
@@ -108,152 +345,694 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError(f"param group lacks hyperparameter {exc.args[0]!r}") from None
 
     def _group_hypers(self, group) -> dict:
-        raw = self._raw(group)
-        return self.rule.check_hypers(dict(zip(self._hyper_names, _plain(raw))))
+        return self.rule.check_hypers(dict(zip(self._hyper_names, _plain(self._raw(group)))))
 
-    def _hypers(self, i: int, group) -> dict:
-        """Group i's checked hyperparameters; re-checked only when a value changed."""
+    def _hypers(self, group):
+        """(hp, state buffers they use): the group's hyperparameters as the kernels
+        take them, re-read when a value changed. torch validates values in the constructor only: a later value
+        (lr < 0 mid-run, say) is used as given once its type is right."""
         raw = self._raw(group)
-        cached_raw, hp = self._hp_cache[i]
-        if cached_raw == raw:
-            return hp
-        hp = self._group_hypers(group)
-        self._hp_cache[i] = _cache_entry(raw, hp)
-        return hp
+        cached = self._hp_cache.get(id(group))
+        if cached is not None and cached[0] is group and cached[1] == raw:
+            return cached[2], cached[3]
+        values = dict(zip(self._hyper_names, _plain(raw)))
+        try:
+            hp = self.rule.check_hypers(values)
+        except ValueError:
+            hp = {h.name: h.coerce(values[h.name]) for h in self.rule.hypers}
+        # a value that can change in place (a tensor, a list) compares equal to itself
+        # after a change: such a group is re-read every step
+        needed = self.rule.needed_buffers(hp)
+        self._hp_cache[id(group)] = (group, object() if _mutable(raw) else raw, hp, needed)
+        return hp, needed
 
-    def _pack(self, params) -> list[FlatGroup]:
-        if len(set(map(id, params))) != len(params):
-            raise ValueError("a param group lists the same parameter twice; fastopt packs "
-                             "each parameter once")
-        devices = {p.device for p in params}
-        if len(devices) > 1:
-            raise ValueError(f"a param group holds parameters on several devices "
-                             f"({', '.join(sorted(map(str, devices)))}); put each device's "
-                             "parameters in a group of their own")
-        for k, p in enumerate(params):
-            check_param_dtype(p, f"param {k} of the group")
-            if p.is_sparse or p.layout != torch.strided:
-                raise TypeError(f"param {k} of the group is a {p.layout} tensor; fastopt "
-                                "updates dense parameters")
-        by_dtype: dict = {}
-        # trainable parameters first: frozen ones (no grad) then do not split the
-        # trainable run, and a step stays one kernel call
-        for p in sorted(params, key=lambda q: not q.requires_grad):
-            by_dtype.setdefault(p.dtype, []).append(p)
-        layout = [FlatGroup(ps, self.rule) for ps in by_dtype.values() if ps]
-        for fg in layout:
-            for i, p in enumerate(fg.params):
-                self._where[p] = (fg, i)
-        return layout
+    # -- state ---------------------------------------------------------------------
+    def _init_all_state(self):
+        """State for every parameter before any step, as torch's Adagrad makes it at
+        construction (step 0, ``sum`` at initial_accumulator_value)."""
+        rule = self.rule
+        dtype = _scalar_dtype()
+        todo = []
+        for group in self.param_groups:
+            hp = self._group_hypers(group)
+            for p in group["params"]:
+                todo.append((p, hp))
+        steps, _ = self._bank.new([0.0] * len(todo), dtype) if todo else ([], [])
+        for (p, hp), step in zip(todo, steps):
+            st = self.state[p]
+            st["step"] = step
+            for b in rule.buffers:
+                if b.needed(hp):
+                    st[b.name] = torch.full_like(p, b.fill(hp),
+                                                 memory_format=torch.preserve_format)
 
     # -- the step ----------------------------------------------------------------
+    def _patch_step_function(self) -> None:
+        # torch wraps step() for its hooks and profiler label at ~10 us a call;
+        # step() below goes through that wrapper only when one is in use
+        self._zero_grad_profile_name = (
+            f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad")
+
     def step(self, closure=None):
         """One update of every parameter that has a gradient; returns the closure's
         loss (the closure runs with gradients enabled, before the update)."""
+        if (_GLOBAL_PRE or _GLOBAL_POST or self._optimizer_step_pre_hooks or
+                self._optimizer_step_post_hooks or torch.autograd._profiler_enabled()):
+            return _hooked_step(self, closure)
+        return self._step(closure)
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        hps = [self._hypers(i, g) for i, g in enumerate(self.param_groups)]
-        # every gradient of every group is checked before anything is written
-        plans = [[fg.prepare() for fg in flats] for flats in self._flat]
+        groups = self.param_groups
+        caches = self._groups
+        # every group is checked before anything is written
+        work = []
+        for group in groups:
+            hp, needed = self._hypers(group)
+            gc = caches.get(id(group))
+            if gc is None or gc.group is not group or gc.needed != needed:
+                gc = caches[id(group)] = _GroupCache(group, needed)
+            work.append((gc, hp, self._prepare(gc, hp)))
+        if len(caches) > len(groups):  # groups were removed: forget them
+            live = {id(g) for g in groups}
+            for k in [k for k in caches if k not in live]:
+                del caches[k]
+                self._hp_cache.pop(k, None)
         nthreads = backends.num_threads()
-        for flats, group_plans, hp in zip(self._flat, plans, hps):
-            for fg, plan in zip(flats, group_plans):
-                fg.run(plan, hp, nthreads)
-                # the kernels write outside autograd: bump the version counters as
-                # torch's in-place updates do, so a backward through a graph that
-                # saved a pre-step parameter still fails loudly
-                _increment_version(fg.params)
+        for gc, hp, plan in work:
+            self._execute(gc, hp, plan, nthreads)
         return loss
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """Zero the gradients. The default keeps them as views of the flat gradient
-        buffer (one memset, and ``backward`` accumulates in place, so the next step
-        needs no gather). ``set_to_none=True`` is torch's default: gradients become
-        None, parameters that then get none are skipped, and the next step gathers
-        the fresh gradients (one copy)."""
-        for flats in self._flat:
-            for fg in flats:
-                fg.zero_grad(set_to_none)
+    def _optimizer_step_code(self) -> None:
+        """torch's profiler hooks this after each step."""
+
+    def _prepare(self, gc, hp):
+        """Check a group for this step without writing; returns what ``_execute``
+        does. The replay: every parameter, gradient and state entry as last step, so
+        last step's runs (their address tables) hold; only the step counts and
+        scalars are read."""
+        runs = gc.runs
+        if runs is not None and self._unchanged(gc):
+            plans = []
+            for run in runs:
+                if run.rows:
+                    grads = [r.gp for r in run.rows]
+                    if grads != run.gcol:
+                        run.ptrs[:, 1] = grads
+                        run.gcol = grads
+                        run.checked = False
+                t = run.step_slots.uniform() if run.step_slots else run.t
+                if t is None:
+                    break
+                scalars = tuple(s.uniform() for s in run.scalar_slots)
+                if None in scalars:
+                    break
+                plans.append((run, t, self._args(hp, t, scalars, False)))
+            else:
+                return ("replay", plans)
+        params = gc.group["params"]
+        if len(set(map(id, params))) != len(params):
+            # torch steps a parameter listed twice twice (it warns at construction):
+            # one pass per listing, each a group of its own
+            seen: dict = {}
+            passes: list = []
+            for p in params:
+                k = seen.get(id(p), 0)
+                seen[id(p)] = k + 1
+                if k == len(passes):
+                    passes.append([])
+                passes[k].append(p)
+            return ("passes", passes)
+        recs = self._check_group(gc, hp)
+        keyed: dict = {}
+        for rec in recs:
+            key = (rec.device, rec.dtype, rec.t, rec.scalars, rec.fresh)
+            keyed.setdefault(key, []).append(rec)
+        plans = [(key, members, self._args(hp, key[2], key[3], key[4]))
+                 for key, members in keyed.items()]
+        return ("build", recs, plans)
+
+    def _args(self, hp, t, scalars, fresh):
+        rule = self.rule
+        names = self._scalar_names
+        try:
+            args, new = rule.plan(hp, t + 1, dict(zip(names, scalars)) if names else _NONE,
+                                  fresh)
+        except (ZeroDivisionError, OverflowError, ValueError) as exc:
+            raise ValueError(f"fastopt.torch.{rule.name}: the hyperparameters "
+                             f"{ {k: v for k, v in hp.items()} } give no finite step at "
+                             f"step {t + 1} ({type(exc).__name__}: {exc})") from None
+        return args, tuple(new[n] for n in names)
+
+    def _unchanged(self, gc) -> bool:
+        """Whether every parameter, gradient and state entry of the group is what
+        the cached runs were built from (gradients may have moved: backward makes
+        new ones; their addresses are read into the records)."""
+        params = gc.group["params"]
+        recs = gc.recs
+        if len(params) != len(recs):
+            return False
+        state_get = self.state.get
+        try:
+            for p, r in zip(params, recs):
+                if p is not r.p:
+                    return False
+                g = p.grad
+                if g is None:
+                    if r.g is not None:
+                        return False
+                    continue
+                if r.g is None or p.data_ptr() != r.pp:
+                    return False
+                dt = r.dtype
+                if p.dtype is not dt or g.dtype is not dt or g.is_cuda is not r.cuda:
+                    return False
+                st = r.stride
+                if p.stride() != st or g.stride() != st:
+                    return False
+                sh = r.shape
+                if p.shape != sh or g.shape != sh:
+                    return False
+                sd = state_get(p)
+                if sd is not r.sd:
+                    return False
+                if sd is not None:
+                    get = sd.get
+                    for name, obj in r.entries:
+                        if get(name) is not obj:
+                            return False
+                r.gp = g.data_ptr()
+        except (RuntimeError, AttributeError, TypeError):
+            return False  # a gradient without storage (sparse), a non-tensor
+        return True
+
+    # -- the full check (first step, or something changed) --------------------------
+    def _check_group(self, gc, hp):
+        gc.runs = None
+        needed = gc.needed
+        gi = self._group_index(gc.group)
+        state = self.state
+        recs = []
+        all_recs = []
+        for k, p in enumerate(gc.group["params"]):
+            rec = _Rec()
+            rec.p = p
+            rec.index = k
+            g = p.grad
+            rec.g = g
+            all_recs.append(rec)
+            if g is None:
+                continue
+            where = f"param {k} of group {gi}"
+            self._check_pair(p, g, where)
+            rec.dtype, rec.device = p.dtype, p.device
+            rec.sparse = g.layout != torch.strided
+            if rec.sparse:
+                self._check_sparse(p, g, hp, where)
+            sd = state.get(p)
+            rec.sd = sd
+            self._read_state(rec, sd, hp, needed, where)
+            recs.append(rec)
+        gc.recs = all_recs
+        return recs
+
+    def _group_index(self, group):
+        for i, g in enumerate(self.param_groups):
+            if g is group:
+                return i
+        return -1
+
+    @staticmethod
+    def _check_pair(p, g, where):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{where} is a {type(p).__name__}, not a tensor")
+        check_param_dtype(p, where)
+        if p.layout != torch.strided:
+            raise TypeError(f"{where} is a {p.layout} tensor; fastopt updates dense "
+                            "parameters")
+        if p.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{where} is on device {p.device}; fastopt.torch runs on "
+                             "CPU and CUDA tensors")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{where} has a {g.dtype} gradient for a {p.dtype} parameter")
+        if g.shape != p.shape:
+            raise ValueError(f"{where} has a gradient of shape {tuple(g.shape)} for a "
+                             f"parameter of shape {tuple(p.shape)}")
+        if g.device != p.device:
+            raise ValueError(f"{where} has its gradient on {g.device}, the parameter on "
+                             f"{p.device}")
+
+    def _check_sparse(self, p, g, hp, where):
+        name = self.rule.name
+        if g.layout != torch.sparse_coo or not self._sparse_rule:
+            if name in ("Adam", "AdamW"):
+                msg = "Adam does not support sparse gradients, please consider SparseAdam instead"
+            else:
+                msg = f"{name} does not support sparse gradients"
+            raise SparseGradientError(f"{msg} ({where} has a {g.layout} gradient)")
+        if hp["weight_decay"] != 0:
+            if self.rule.kernel == "adagrad":
+                msg = "weight_decay option is not compatible with sparse gradients"
+            else:
+                msg = "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
+            raise SparseGradientError(f"{msg} ({where}: weight_decay="
+                                      f"{hp['weight_decay']} with a sparse gradient)")
+
+    def _read_state(self, rec, sd, hp, needed, where):
+        """The parameter's step, scalars and buffers as the state holds them; what is
+        missing is made at execution (torch makes state at a parameter's first step
+        with a gradient)."""
+        rule = self.rule
+        p = rec.p
+        sd = sd if sd is not None else {}
+        rec.missing = []
+        rec.foreign = []
+        slots = []
+        if rule.step_in_state:
+            v = sd.get("step")
+            if v is None:
+                t = 0.0
+                rec.missing.append("step")
+            else:
+                t = self._scalar_of(v, f"{where}: state 'step'", "step", rec, slots)
+        else:
+            t = None
+        scalars = []
+        init = rule.initial_scalars(hp) if rule.scalars else {}
+        for name, _ in rule.scalars:
+            v = sd.get(name)
+            if v is None:
+                rec.missing.append(name)
+                # as the bank will hold it (torch: eta = lr as a float32 tensor)
+                scalars.append(float(np.array(init[name], dtype=_NP[_scalar_dtype()])))
+            else:
+                scalars.append(self._scalar_of(v, f"{where}: state {name!r}", name, rec, slots))
+        if rule.scalars and not rec.missing:
+            try:
+                rule.validate_scalars(dict(zip([n for n, _ in rule.scalars], scalars)))
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        bufs = {}
+        for name in needed:
+            v = sd.get(name)
+            if v is None:
+                rec.missing.append(name)
+                continue
+            bufs[name] = self._check_buffer(p, v, f"{where}: state {name!r}",
+                                            self._casts_state)
+        fresh = False
+        if t is None:  # SGD keeps no count: whether its buffer exists is what matters
+            t = 1.0 if needed and not any(n in rec.missing for n in needed) else 0.0
+        elif t > 0 and any(n in rec.missing for n in needed):
+            fresh = True  # a buffer born after step 1: the rule's first-use path
+        rec.t, rec.scalars, rec.fresh = t, tuple(scalars), fresh
+        if any(v.dtype != p.dtype for v in bufs.values()):
+            if rec.sparse:
+                raise StateTypeError(f"{where}: state of another dtype than the parameter "
+                                     "with a sparse gradient")
+            # torch computes in the wider dtype and rounds what it stores: so does
+            # the copy this parameter steps through
+            rec.dtype = torch.float64
+        rec.slots = slots
+        rec.bufs = bufs
+
+    def _scalar_of(self, v, where, name, rec, slots):
+        slot = self._bank.find(v)
+        if slot is not None:
+            slots.append((name, slot))
+            return _read(slot)
+        value = _number(v, where)
+        rec.foreign.append((name, v, value))
+        return value
+
+    @staticmethod
+    def _check_buffer(p, v, where, casts=False):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{where} must be a tensor, got {type(v).__name__}")
+        if v.dtype != p.dtype and not (casts and v.dtype in _FLOAT):
+            raise StateTypeError(f"{where} is {v.dtype}, the parameter {p.dtype}")
+        if v.device != p.device:
+            raise StateValueError(f"{where} is on {v.device}, the parameter on {p.device}")
+        if v.shape != p.shape:
+            raise StateValueError(f"{where} has shape {tuple(v.shape)}, the parameter "
+                             f"{tuple(p.shape)}")
+        return v
+
+    # -- execution -------------------------------------------------------------------
+    def _execute(self, gc, hp, plan, nthreads):
+        if plan[0] == "passes":
+            passes = plan[1]
+            # torch reads SGD's momentum buffers before any update: a parameter
+            # without one starts a new buffer in every pass (the last is kept)
+            fresh = [] if self.rule.step_in_state else [
+                (p, name) for p in passes[0] for name in gc.needed
+                if name not in self.state.get(p, ())]
+            for k, params in enumerate(passes):
+                if k:
+                    here = set(map(id, params))
+                    for p, name in fresh:
+                        if id(p) in here:
+                            self.state[p].pop(name, None)
+                sub = _GroupCache({**gc.group, "params": params}, gc.needed)
+                self._execute(sub, hp, self._prepare(sub, hp), nthreads)
+            return
+        if plan[0] == "replay":
+            for run, t, (args, new_scalars) in plan[1]:
+                run.t = t
+                # a table is checked once: again only when a gradient moved
+                run_segments(run.backend, self.rule.kernel, run.np_dtype, run.ptrs,
+                             run.lengths, args, nthreads, check=not run.checked)
+                run.checked = True
+                self._advance(run, new_scalars)
+                _increment_version(run.params)
+            return
+        with torch.no_grad():
+            self._build_and_run(gc, hp, plan, nthreads)
+
+    def _build_and_run(self, gc, hp, plan, nthreads):
+        _, recs, plans = plan
+        self._materialise(recs, hp, gc.needed)
+        runs = []
+        for key, members, (args, new_scalars) in plans:
+            run = self._build_run(key, members, gc.needed)
+            if len(run.lengths):
+                try:
+                    run_segments(run.backend, self.rule.kernel, run.np_dtype, run.ptrs,
+                                 run.lengths, args, nthreads, check=True)
+                except ValueError as exc:  # the engine names segments: name params
+                    labels = run.labels
+                    msg = re.sub(r"(segment |\[)(\d+)",
+                                 lambda m: m.group(1) + str(labels[int(m.group(2))]),
+                                 str(exc))
+                    raise ValueError(f"{msg} (numbered as the parameters of param "
+                                     f"group {self._group_index(gc.group)})") from None
+            run.checked = True
+            for dst, src in run.post:
+                dst.copy_(src)
+            run.keep = run.post = ()
+            self._advance(run, new_scalars)
+            _increment_version(run.params)
+            runs.append(run)
+        # the next step replays these runs if nothing changes and every one of them
+        # is a plain table (no copies, no sparse rows)
+        gc.runs = runs if all(r.cacheable for r in runs) else None
+        for run in runs:
+            run.recs = None
+        if gc.runs is None:
+            for rec in gc.recs:  # the gradients themselves are not kept
+                rec.g = rec.bufs = None
+        if gc.runs is not None:
+            for rec in gc.recs:
+                if rec.g is not None:
+                    rec.pp = rec.p.data_ptr()
+                    rec.gp = rec.g.data_ptr()
+                    rec.g = True  # had a gradient; the tensor itself is not kept
+                    rec.cuda = rec.device.type == "cuda"
+                    rec.shape = rec.p.shape
+                    rec.stride = rec.p.stride()
+                    rec.sd = sd = self.state.get(rec.p)
+                    rec.entries = () if sd is None else tuple(
+                        (k, v) for k, v in sd.items()
+                        if k == "step" or k in gc.needed or k in self._scalar_names)
+
+    def _advance(self, run, new_scalars):
+        if run.step_slots:
+            run.step_slots.write(run.t + 1)
+        for slots, value in zip(run.scalar_slots, new_scalars):
+            slots.write(value)
+        run.t += 1
+        run.scalars = new_scalars
+
+    def _materialise(self, recs, hp, needed):
+        """Make the state missing entries (torch's lazy init) and adopt foreign step
+        and scalar tensors into the banks."""
+        rule = self.rule
+        state = self.state
+        dtype = _scalar_dtype()
+        init = rule.initial_scalars(hp)
+        new_names, new_vals, new_recs = [], [], []
+        adopt_t, adopt_v, adopt_at = [], [], []
+        for rec in recs:
+            p = rec.p
+            if not (rec.missing or rec.foreign):
+                continue
+            sd = state.get(p)
+            if sd is None:
+                sd = {}
+                state[p] = sd
+            rec.sd = sd
+            for name in rec.missing:  # torch's key order: step, scalars, buffers
+                if name in init or name == "step":
+                    sd[name] = None  # filled from the bank below
+            for name in rec.missing:
+                if name == "step":
+                    new_names.append("step")
+                    new_vals.append(rec.t)
+                    new_recs.append(rec)
+                elif name in init:
+                    new_names.append(name)
+                    new_vals.append(init[name])
+                    new_recs.append(rec)
+                else:
+                    buf = next(b for b in rule.buffers if b.name == name)
+                    t = torch.full_like(p, buf.fill(hp), memory_format=torch.preserve_format)
+                    sd[name] = t
+                    rec.bufs[name] = t
+            for name, obj, value in rec.foreign:
+                if _Bank.adoptable(obj):
+                    adopt_t.append(obj)
+                    adopt_v.append(value)
+                    adopt_at.append((rec, name))
+                else:  # a number, or a tensor that cannot be moved: replaced
+                    new_names.append(name)
+                    new_vals.append(value)
+                    new_recs.append(rec)
+            rec.foreign = []
+        if new_vals:
+            views, slots = self._bank.new(new_vals, dtype)
+            for rec, name, view, slot in zip(new_recs, new_names, views, slots):
+                rec.sd[name] = view
+                rec.slots.append((name, slot))
+        if adopt_t:
+            for (rec, name), slot in zip(adopt_at, self._bank.adopt(adopt_t, adopt_v)):
+                rec.slots.append((name, slot))
+
+    def _build_run(self, key, members, needed):
+        device, dtype, t, scalars, fresh = key
+        rule = self.rule
+        run = _Run()
+        run.recs = members
+        run.backend = backends.DEFAULT if device.type == "cpu" else backends.load("cuda")
+        run.np_dtype = _NP[dtype]
+        run.t, run.scalars, run.fresh = t, scalars, fresh
+        run.params = [r.p for r in members]
+        run.keep, run.post = [], []  # copies the kernel runs on; copies back
+        run.rows = []
+        run.labels = []
+        run.cacheable = True
+        slot_names = ["step"] * rule.step_in_state + [n for n, _ in rule.scalars]
+        by_name = {n: [] for n in slot_names}
+        rows, lengths = [], []
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        for rec in members:
+            for name, slot in rec.slots:
+                by_name[name].append(slot)
+            if rec.sparse:
+                run.cacheable = False
+                self._sparse_rows(rec, needed, rows, lengths, run, itemsize)
+                continue
+            n = rec.p.numel()
+            if n == 0:
+                continue
+            row, copied = self._dense_row(rec, needed, run)
+            if copied:
+                run.cacheable = False
+            rows.append(row)
+            run.rows.append(rec)
+            run.labels.append(rec.index)
+            lengths.append(n)
+        run.step_slots = _Slots(by_name["step"]) if rule.step_in_state and by_name["step"] \
+            else None
+        run.scalar_slots = [_Slots(by_name[n]) for n, _ in rule.scalars]
+        width = 2 + len(rule.buffers)
+        run.ptrs = (np.array(rows, dtype=np.uintp).reshape(-1, width) if rows
+                    else np.zeros((0, width), dtype=np.uintp))
+        run.lengths = np.array(lengths, dtype=np.intp)
+        run.gcol = run.ptrs[:, 1].tolist()
+        return run
+
+    def _dense_row(self, rec, needed, run):
+        """The row of addresses for a dense gradient. The kernel runs over memory in
+        order, so every tensor must lay its elements out as the parameter does; a
+        tensor that does not (a non-dense parameter, a gradient or state buffer with
+        other strides) is stepped through a copy in the parameter's layout."""
+        p, g = rec.p, rec.g
+        copied = False
+        if _dense(p) and p.dtype == rec.dtype:
+            work = p
+        else:
+            work = p.to(dtype=rec.dtype, memory_format=torch.contiguous_format, copy=True)
+            run.post.append((p, work))
+            copied = True
+        layout = work.stride()
+        if g.stride() != layout or not _dense(g) or g.dtype != work.dtype:
+            gw = torch.empty_like(work)
+            gw.copy_(g)
+            run.keep.append(gw)  # alive until the kernel has run
+            g = gw
+            copied = True
+        row = [work.data_ptr(), g.data_ptr()]
+        for b in self.rule.buffers:
+            if b.name not in needed:
+                row.append(0)
+                continue
+            v = rec.bufs[b.name]
+            if v.stride() != layout or not _dense(v) or v.layout != torch.strided or \
+                    v.dtype != work.dtype:
+                vw = torch.empty_like(work)
+                vw.copy_(v.to_dense() if v.layout != torch.strided else v)
+                run.keep.append(vw)
+                if v.layout != torch.strided:  # torch's sparse SGD momentum: made dense
+                    rec.sd[b.name] = vw
+                else:
+                    run.post.append((v, vw))
+                v = vw
+                copied = True
+            row.append(v.data_ptr())
+        return row, copied
+
+    def _sparse_rows(self, rec, needed, rows, lengths, run, itemsize):
+        """A sparse gradient's touched rows as segments: each run of consecutive
+        touched rows is one row of addresses (param rows, gradient values, state
+        rows). SGD with momentum decays its buffer everywhere (torch's sparse buffer
+        accumulates every row ever touched), so it takes the dense path over a
+        densified gradient."""
+        p = rec.p
+        g = rec.g.coalesce()
+        if self.rule.kernel == "sgd" and "momentum_buffer" in needed:
+            rec.g = g.to_dense()
+            rec.sparse = False
+            n = p.numel()
+            if n:
+                row, _ = self._dense_row(rec, needed, run)
+                rows.append(row)
+                lengths.append(n)
+                run.labels.append(rec.index)
+            rec.sparse = True
+            return
+        work = p if p.is_contiguous() else p.contiguous()
+        if work is not p:
+            run.post.append((p, work))
+        bufs = {}
+        for name in needed:
+            v = rec.bufs[name]
+            if not v.is_contiguous():
+                vw = v.contiguous()
+                run.post.append((v, vw))
+                v = vw
+            bufs[name] = v
+        values = g._values().contiguous()
+        rec.g = values  # keep the values alive until the kernel has run
+        nnz = values.shape[0]
+        if nnz == 0 or p.numel() == 0:
+            return
+        width = int(np.prod(values.shape[1:], dtype=np.int64))
+        if width == 0:
+            return
+        idx = g._indices().cpu().numpy()
+        sparse_shape = list(p.shape[:idx.shape[0]])
+        linear = np.ravel_multi_index(tuple(idx), sparse_shape) if idx.shape[0] > 1 \
+            else idx[0].astype(np.int64)
+        # coalesced: sorted, unique; a break where the next row is not the next one
+        breaks = np.flatnonzero(np.diff(linear) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        counts = np.diff(np.concatenate((starts, [nnz])))
+        row_bytes = width * itemsize
+        cols = [work.data_ptr() + linear[starts].astype(np.uint64) * row_bytes,
+                values.data_ptr() + starts.astype(np.uint64) * row_bytes]
+        for b in self.rule.buffers:
+            if b.name in needed:
+                cols.append(bufs[b.name].data_ptr() + linear[starts].astype(np.uint64) * row_bytes)
+            else:
+                cols.append(np.zeros(len(starts), dtype=np.uint64))
+        table = np.stack(cols, axis=1).astype(np.uintp)
+        rows.extend(table.tolist())
+        run.labels.extend([rec.index] * len(starts))
+        lengths.extend((counts * width).tolist())
 
     # -- checkpoints in torch's format ---------------------------------------------
-    def state_dict(self) -> dict:
-        return with_state_dict_hooks(self, self._state_dict)
-
-    def _state_dict(self) -> dict:
-        index: dict = {}
-        groups = []
-        for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
-            for p in group["params"]:
-                index.setdefault(id(p), len(index))
-            packed["params"] = [index[id(p)] for p in group["params"]]
-            groups.append(packed)
-        step_dtype = _scalar_dtype()
-        state = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                fg, i = self._where[p]
-                if fg.has_state(i):
-                    state[index[id(p)]] = fg.export(i, step_dtype)
-        return {"state": state, "param_groups": groups}
-
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a ``state_dict`` of this class or of ``torch.optim``'s namesake.
-        Everything is checked first; on any error nothing changes."""
+        """torch's ``load_state_dict``, after checking that the state is this rule's
+        (a state of another optimizer, or of other shapes, is a ValueError and
+        changes nothing). Keys no rule keeps (a wrapper's) are loaded as torch does."""
         state_dict = after_load_pre_hooks(self, state_dict)
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict lacks {key!r}: not an optimizer state dict")
+        self._check_loaded(state_dict)
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = type(hooks)()  # they ran above
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
+
+    def _check_loaded(self, state_dict):
         groups = self.param_groups
-        saved = deepcopy(state_dict["param_groups"])
+        saved = state_dict["param_groups"]
         if len(groups) != len(saved):
             raise ValueError("loaded state dict has a different number of parameter groups")
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
             raise ValueError("loaded state dict contains a parameter group that doesn't "
                              "match the size of optimizer's group")
+        for s in saved:
+            ng = {**self.defaults, **{k: v for k, v in s.items() if k != "params"}}
+            self._check_flags(ng)
+            self._group_hypers(ng)
         id_map = dict(zip(chain.from_iterable(s["params"] for s in saved),
                           chain.from_iterable(g["params"] for g in groups)))
-        new_groups, new_hps, group_of = [], [], {}
-        for g, s in zip(groups, saved):
-            ng = {**self.defaults, **s, "params": g["params"]}
-            if "param_names" in g and "param_names" not in s:
-                ng["param_names"] = g["param_names"]
-            self._check_flags(ng)
-            hp = self._group_hypers(ng)
-            new_groups.append(ng)
-            new_hps.append(hp)
-            for p in g["params"]:
-                group_of[p] = hp
-        imports = []
+        rule = self.rule
+        mine = {b.name for b in rule.buffers} | {n for n, _ in rule.scalars}
+        if rule.step_in_state:
+            mine.add("step")
         for k, value in state_dict["state"].items():
             if k not in id_map:
                 raise ValueError(f"state_dict['state'] has an entry for parameter id {k!r}, "
                                  "which no param group lists")
             p = id_map[k]
-            fg, i = self._where[p]
-            key, bufs = fg.check_import(i, value, group_of[p])
-            imports.append((fg, i, key, bufs))
-        # checked: now change things
-        for flats in self._flat:
-            for fg in flats:
-                fg.keys = [NO_STATE] * len(fg.params)
-                fg.uniform = False
-        for fg, i, key, bufs in imports:
-            fg.apply_import(i, key, bufs)
-        self.param_groups = new_groups
-        self._hp_cache = [_cache_entry(self._raw(g), hp) for g, hp in zip(new_groups, new_hps)]
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
-
-    def __getstate__(self):
-        raise TypeError(f"fastopt.torch.{self.rule.name} cannot be pickled or deep-copied "
-                        "(its parameters live in flat buffers); save state_dict() instead")
+            where = f"state of param {k} ({rule.name})"
+            if not isinstance(value, dict):
+                raise TypeError(f"{where} must be a dict, got {type(value).__name__}")
+            others = sorted(set(value) & (_ALL_STATE_KEYS - mine), key=str)
+            if others:
+                raise ValueError(f"{where} has {others}, which {rule.name} does not keep "
+                                 f"(it keeps {sorted(mine)}): a state dict of another "
+                                 "optimizer?")
+            for b in rule.buffers:
+                v = value.get(b.name)
+                if v is None:
+                    continue
+                if not isinstance(v, torch.Tensor):
+                    raise TypeError(f"{where}: {b.name!r} must be a tensor, got "
+                                    f"{type(v).__name__}")
+                if v.shape != p.shape:
+                    raise ValueError(f"{where}: {b.name!r} has shape {tuple(v.shape)}; the "
+                                     f"parameter has shape {tuple(p.shape)}")
+            names = ["step"] * rule.step_in_state + [n for n, _ in rule.scalars]
+            for name in names:
+                if name in value:
+                    _number(value[name], f"{where}: {name!r}")
 
     def __repr__(self):
-        text = super().__repr__()
-        return "fastopt.torch." + text
+        return "fastopt.torch." + super().__repr__()
+
+
+_GLOBAL_PRE = _torch_optimizer._global_optimizer_pre_hooks
+_GLOBAL_POST = _torch_optimizer._global_optimizer_post_hooks
+_hooked_step = torch.optim.Optimizer.profile_hook_step(Optimizer._step)
 
 
 def with_state_dict_hooks(opt, build) -> dict:
@@ -278,74 +1057,3 @@ def after_load_pre_hooks(opt, state_dict) -> dict:
         if result is not None:
             state_dict = result
     return state_dict
-
-
-class _State(MutableMapping):
-    """``opt.state``: param -> dict under torch's keys. Buffers are live views of the
-    flat state; ``step`` and scalars are 0-dim tensors. Assigning a dict (as
-    ZeroRedundancyOptimizer's ``load_state_dict`` does) writes into the flat state."""
-
-    def __init__(self, opt: Optimizer):
-        self._opt = opt
-
-    def _find(self, p):
-        try:
-            return self._opt._where[p]
-        except (KeyError, TypeError):
-            raise KeyError(p) from None
-
-    def __getitem__(self, p):
-        fg, i = self._find(p)
-        return _ParamState(self, p, fg.export(i, _scalar_dtype()) if fg.has_state(i) else {})
-
-    def __setitem__(self, p, value):
-        fg, i = self._find(p)
-        hp = self._opt._hypers(*self._group_index(p))
-        key, bufs = fg.check_import(i, dict(value), hp)
-        fg.apply_import(i, key, bufs)
-
-    def __delitem__(self, p):
-        fg, i = self._find(p)
-        fg.keys[i] = NO_STATE
-        fg.uniform = False
-
-    def _group_index(self, p):
-        for gi, group in enumerate(self._opt.param_groups):
-            if any(q is p for q in group["params"]):
-                return gi, group
-        raise KeyError(p)
-
-    def _params(self):
-        for group in self._opt.param_groups:
-            for p in group["params"]:
-                fg, i = self._opt._where[p]
-                if fg.has_state(i):
-                    yield p
-
-    def __iter__(self):
-        return self._params()
-
-    def __len__(self):
-        return sum(1 for _ in self._params())
-
-    def __contains__(self, p):
-        try:
-            fg, i = self._find(p)
-        except KeyError:
-            return False
-        return fg.has_state(i)
-
-    def __repr__(self):
-        return repr({p: self[p] for p in self})
-
-
-class _ParamState(dict):
-    """One parameter's state; assigning a key writes through to the flat state."""
-
-    def __init__(self, owner: _State, p, values: dict):
-        super().__init__(values)
-        self._owner, self._p = owner, p
-
-    def __setitem__(self, key, value):
-        self._owner[self._p] = {**self, key: value}
-        super().__setitem__(key, value)
