@@ -1643,3 +1643,55 @@ def test_idiom_behaves_as_torch(name, rule, dtype):
     print(line)
     if rep.problems:
         pytest.fail(line, pytrace=False)
+
+
+# ---------------------------------------------------------------------------
+# The suite's own check: every idiom's result depends on the numbers of the steps
+# ---------------------------------------------------------------------------
+
+class _Skewed:
+    """torch.optim's classes stepping with every lr 1e-9 too large: far above the
+    float64 tolerance, far below anything a user would notice. An idiom that tells
+    this from torch depends on every step it takes (and would tell an optimizer that
+    does not step at all)."""
+
+    def __getattr__(self, name):
+        base = getattr(torch.optim, name)
+
+        def step(self, closure=None):
+            saved = [g["lr"] for g in self.param_groups]
+            for g in self.param_groups:
+                g["lr"] = g["lr"] * (1 + 1e-9)
+            try:
+                return base.step(self, closure)
+            finally:
+                for g, lr in zip(self.param_groups, saved):
+                    g["lr"] = lr
+        return type(name, (base,), {"step": step})
+
+
+# idioms about something else than the numbers of a step
+NOT_ABOUT_STEPS = {
+    "same_param_in_two_groups", "empty_parameter_list", "non_leaf_tensor_as_param",
+    "param_group_without_params", "negative_lr_at_construction",   # construction errors
+    "state_dict_structure",                                          # keys and dtypes
+    "saved_head_state_dict_size", "saved_model_state_dict_size",    # file sizes
+    "saved_optimizer_state_dict_size", "state_memory_counted",
+    "sparse_embedding_rejected", "sparse_embedding_sgd_weight_decay",  # torch raises
+}
+
+
+def self_check_cases():
+    for name, (fn, rules, dtypes, forked, _, _) in IDIOMS.items():
+        if not forked and name not in NOT_ABOUT_STEPS:
+            yield pytest.param(name, rules[0], id=f"{name}-{rules[0]}")
+
+
+@pytest.mark.parametrize("name,rule", list(self_check_cases()))
+def test_idiom_tells_a_skewed_optimizer_from_torch(name, rule):
+    from _idioms import Lib
+    fn, _, _, _, _, rtol = IDIOMS[name]
+    expected = run(fn, Lib(torch.optim, rule, F64, HP[rule]))
+    rep = compare(run(fn, Lib(_Skewed(), rule, F64, HP[rule])), expected,
+                  torch_may_raise=True, rtol=rtol)
+    assert rep.problems, f"{name} cannot tell an lr 1e-9 too large from torch.optim.{rule}"
