@@ -890,7 +890,6 @@ def test_state_dict_of_other_groups_raises_value_error():
 # ---------------------------------------------------------------------------
 
 import fastopt.torch.optimizer as fot_optimizer  # noqa: E402
-from fastopt.torch._segments_standin import check_segments  # noqa: E402
 
 
 @pytest.fixture
@@ -1000,20 +999,6 @@ def test_overlapping_params_raise_value_error_and_change_nothing():
     with pytest.raises(ValueError, match=r"(overlap|shares memory).*param group 0"):
         opt.step()
     assert not base.any()
-
-
-def test_segment_check_names_the_overlap():
-    f = np.float64().itemsize
-    ok = np.array([[1000, 5000, 9000], [1000 + 4 * f, 5000, 9000 + 4 * f]], np.uintp)
-    check_segments(ok, np.array([4, 4]), f)  # gradients may be shared
-    bad = ok.copy()
-    bad[1, 2] = 9000 + 2 * f  # state rows overlap
-    with pytest.raises(ValueError, match="segment 1: slot 2"):
-        check_segments(bad, np.array([4, 4]), f)
-    bad = ok.copy()
-    bad[1, 1] = 1000  # a gradient over a parameter
-    with pytest.raises(ValueError, match="segment 1: slot 1|segment 0: slot 0"):
-        check_segments(bad, np.array([4, 4]), f)
 
 
 # ---------------------------------------------------------------------------

@@ -31,19 +31,12 @@ import torch.optim.optimizer as _torch_optimizer
 
 from fastopt import backends
 from fastopt.rules import RULES, Rule
-from fastopt.torch import _segments_standin
-
 
 
 def run_segments(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True):
-    """One kernel call over the segments of ``ptrs``/``lengths`` on ``backend``: its
-    segment engine, or the stand-in for a backend without one (each segment a
-    per-array call)."""
-    engine = getattr(backend, "run_segments", None)
-    if engine is None:
-        return _segments_standin.run_segments(backend, kernel, dtype, ptrs, lengths,
-                                              args, nthreads, check)
-    return engine(kernel, dtype, ptrs, lengths, args, nthreads, check)
+    """One kernel call over the segments of ``ptrs``/``lengths`` on ``backend``'s
+    segment engine (the tests wrap this to see every table)."""
+    return backend.run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check)
 
 
 _increment_version = torch.autograd.graph.increment_version
