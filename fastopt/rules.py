@@ -28,10 +28,13 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["Hyper", "Buffer", "Rule", "RULES", "KERNELS", "get_rule", "kernel_rule"]
+__all__ = ["Hyper", "Buffer", "Rule", "RULES", "KERNELS", "get_rule", "kernel_rule",
+           "StoredScalars"]
 
 # State buffer slots of the kernels' calling convention (param and grad come first)
 MAX_BUFFERS = 3
@@ -358,6 +361,25 @@ def _plan_adamax(hp, t, scalars, fresh):
             int(hp["maximize"])), scalars
 
 
+class StoredScalars(dict):
+    """Scalar state that its owner stores in a narrower float than float64: torch
+    keeps NAdam's ``mu_product`` in a float32 tensor unless the default dtype is
+    float64, and multiplies it there, each factor rounded to float32. A plan given
+    this mapping updates such state exactly as that storage does (``_scalar_product``);
+    given a plain dict, it keeps float64 throughout."""
+
+    def __init__(self, values, dtype):
+        super().__init__(values)
+        self.round = np.dtype(dtype).type
+
+
+def _scalar_product(scalars, name, factor):
+    rnd = getattr(scalars, "round", None)
+    if rnd is None:
+        return scalars[name] * factor
+    return float(rnd(rnd(scalars[name]) * rnd(factor)))
+
+
 def _nadam_mu(beta1, psi, t):
     return beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
 
@@ -368,7 +390,7 @@ def _plan_nadam(hp, t, scalars, fresh):
     wd, decay = _weight_decay_split(hp, hp["decoupled_weight_decay"])
     mu = _nadam_mu(beta1, psi, t)
     mu_next = _nadam_mu(beta1, psi, t + 1)
-    mu_product = scalars["mu_product"] * mu
+    mu_product = _scalar_product(scalars, "mu_product", mu)
     # Π ∈ [0, 1] (validate_scalars) and μ_t, μ_{t+1} < β1 < 1: both divisors are > 0
     grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
     avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)

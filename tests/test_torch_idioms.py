@@ -1830,11 +1830,25 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# Known differences, open: after model.double() / model.float() mid-run the state
+# keeps its old dtype, and torch's SGD and Adagrad round each in-place op into that
+# state (float32 state with float64 gradients, or the reverse); fastopt steps such
+# state through a copy in the wider dtype, one rounding per element. The results
+# differ at the narrower dtype's precision (~1e-7 relative). strict: a fix turns these
+# into failures until the marks go.
+KNOWN = {(idiom, rule): "mixed-dtype state after a dtype change mid-run rounds once, "
+                        "where torch rounds per in-place op (~1e-7 relative)"
+         for idiom in ("model_double_mid_run", "model_float_mid_run")
+         for rule in ("SGD", "Adagrad")}
+
+
 def cases():
     for name, (fn, rules, dtypes, forked, _, _) in IDIOMS.items():
         for rule in rules:
             for dtype in dtypes:
-                yield pytest.param(name, rule, dtype,
+                marks = ([pytest.mark.xfail(strict=True, reason=KNOWN[name, rule])]
+                         if (name, rule) in KNOWN else [])
+                yield pytest.param(name, rule, dtype, marks=marks,
                                    id=f"{name}-{rule}-{str(dtype)[6:]}")
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from fastopt import backends
-from fastopt.rules import RULES, Rule
+from fastopt.rules import RULES, Rule, StoredScalars
 
 
 def run_segments(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True):
@@ -471,9 +471,16 @@ class Optimizer(torch.optim.Optimizer):
     def _args(self, hp, t, scalars, fresh):
         rule = self.rule
         names = self._scalar_names
+        if names:
+            # the scalar state lives in tensors of torch's scalar dtype: the plan
+            # rounds its products as torch's in-place tensor ops do
+            held = dict(zip(names, scalars))
+            dtype = _scalar_dtype()
+            held = StoredScalars(held, np.float32) if dtype == torch.float32 else held
+        else:
+            held = _NONE
         try:
-            args, new = rule.plan(hp, t + 1, dict(zip(names, scalars)) if names else _NONE,
-                                  fresh)
+            args, new = rule.plan(hp, t + 1, held, fresh)
         except (ZeroDivisionError, OverflowError, ValueError) as exc:
             raise ValueError(f"fastopt.torch.{rule.name}: the hyperparameters "
                              f"{ {k: v for k, v in hp.items()} } give no finite step at "
