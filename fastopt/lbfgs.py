@@ -267,7 +267,9 @@ class _Trials:
 # shrinks it. Both stop once max_ls evaluations follow the first.
 
 def _bracket(trial, x0: _Point, t, c1, c2, max_ls):
-    """From x0 (t = 0) and a first step t: ([lo, hi] or [the accepted point], done)."""
+    """From x0 (t = 0) and a first step t: ([a, b], False) with an acceptable step
+    between a and b (or b the last try when max_ls ran out), or ([the accepted
+    point], True)."""
     new = trial(t, ())
     prev = x0
     while trial.evals - 1 < max_ls:

@@ -30,38 +30,30 @@ cdef extern from *:
     """
     #include <string.h>
     #include <math.h>
-    #if defined(__GNUC__) && !defined(__clang__)
-    /* the SSE2 build passes 32-byte vectors, but only between always-inline
-     * functions: no call crosses the ABI it warns about (the warning comes at
-     * the end of the file, so it stays off) */
-    #pragma GCC diagnostic ignored "-Wpsabi"
-    #endif
 
     #if (defined(__GNUC__) || defined(__clang__)) && !defined(FASTOPT_LBFGS_PORTABLE)
     #define LB_INLINE static inline __attribute__((always_inline))
+    #define LB_NOSIGN 0x7fffffffffffffffLL
     typedef float lb_vf __attribute__((vector_size(16)));
-    typedef double lb_vd __attribute__((vector_size(32)));
-    typedef long long lb_vi __attribute__((vector_size(32)));
     #define LB_OPS(S, V, T) \\
         LB_INLINE V lb_ld_##S(const T* p) { V v; memcpy(&v, p, sizeof v); return v; } \\
         LB_INLINE void lb_st_##S(T* p, V v) { memcpy(p, &v, sizeof v); } \\
-        LB_INLINE V lb_splat_##S(T c) { V v = {c, c, c, c}; return v; } \\
         LB_INLINE V lb_add_##S(V a, V b) { return a + b; } \\
         LB_INLINE V lb_sub_##S(V a, V b) { return a - b; } \\
         LB_INLINE V lb_mul_##S(V a, V b) { return a * b; } \\
         LB_INLINE V lb_neg_##S(V a) { return -a; }
     LB_OPS(f, lb_vf, float)
-    LB_OPS(d, lb_vd, double)
+    LB_INLINE lb_vf lb_splat_f(float c) { lb_vf v = {c, c, c, c}; return v; }
     #if defined(__AVX__)
     #include <immintrin.h>
+    typedef double lb_vd __attribute__((vector_size(32)));
+    typedef long long lb_vi __attribute__((vector_size(32)));
+    LB_OPS(d, lb_vd, double)
+    LB_INLINE lb_vd lb_splat_d(double c) { lb_vd v = {c, c, c, c}; return v; }
     /* GCC 12 splits __builtin_convertvector into halves through memory here */
     LB_INLINE lb_vd lb_wide_f(lb_vf v) { return (lb_vd)_mm256_cvtps_pd((__m128)v); }
-    #else
-    LB_INLINE lb_vd lb_wide_f(lb_vf v) { return __builtin_convertvector(v, lb_vd); }
-    #endif
     LB_INLINE lb_vd lb_abs_d(lb_vd a) {
-        const lb_vi m = {0x7fffffffffffffffLL, 0x7fffffffffffffffLL, 0x7fffffffffffffffLL,
-                         0x7fffffffffffffffLL};
+        const lb_vi m = {LB_NOSIGN, LB_NOSIGN, LB_NOSIGN, LB_NOSIGN};
         return (lb_vd)((lb_vi)a & m); }
     LB_INLINE lb_vd lb_max_d(lb_vd m, lb_vd v) {
         /* rules.pxi's _max per lane: m if m > v or m is NaN, else v */
@@ -70,7 +62,51 @@ cdef extern from *:
     LB_INLINE double lb_lane0(lb_vd a) { return a[0]; }
     LB_INLINE lb_vd lb_set_lane0(lb_vd a, double x) { a[0] = x; return a; }
     #else
-    #define LB_INLINE static
+    /* Without AVX four doubles are two 16-byte halves (a 32-byte vector passed
+     * by value would change the ABI, and GCC says so even for inline functions) */
+    typedef double lb_d2 __attribute__((vector_size(16)));
+    typedef long long lb_i2 __attribute__((vector_size(16)));
+    typedef float lb_f2 __attribute__((vector_size(8)));
+    typedef struct { lb_d2 lo, hi; } lb_vd;
+    #define LB_HALVES(name, op) \\
+        LB_INLINE lb_vd name(lb_vd a, lb_vd b) { \\
+            a.lo = a.lo op b.lo; a.hi = a.hi op b.hi; return a; }
+    LB_HALVES(lb_add_d, +)
+    LB_HALVES(lb_sub_d, -)
+    LB_HALVES(lb_mul_d, *)
+    LB_INLINE lb_vd lb_ld_d(const double* p) { lb_vd v; memcpy(&v, p, sizeof v); return v; }
+    LB_INLINE void lb_st_d(double* p, lb_vd v) { memcpy(p, &v, sizeof v); }
+    LB_INLINE lb_vd lb_splat_d(double c) { lb_vd v; v.lo = (lb_d2){c, c}; v.hi = v.lo; return v; }
+    LB_INLINE lb_vd lb_neg_d(lb_vd a) { a.lo = -a.lo; a.hi = -a.hi; return a; }
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    LB_INLINE lb_vd lb_wide_f(lb_vf v) {
+        lb_vd r;
+        r.lo = (lb_d2)_mm_cvtps_pd((__m128)v);
+        r.hi = (lb_d2)_mm_cvtps_pd(_mm_movehl_ps((__m128)v, (__m128)v));
+        return r; }
+    #else
+    LB_INLINE lb_vd lb_wide_f(lb_vf v) {
+        lb_f2 lo = {v[0], v[1]}, hi = {v[2], v[3]};
+        lb_vd r;
+        r.lo = __builtin_convertvector(lo, lb_d2);
+        r.hi = __builtin_convertvector(hi, lb_d2);
+        return r; }
+    #endif
+    LB_INLINE lb_d2 lb_abs2(lb_d2 a) {
+        const lb_i2 m = {LB_NOSIGN, LB_NOSIGN};
+        return (lb_d2)((lb_i2)a & m); }
+    LB_INLINE lb_d2 lb_max2(lb_d2 m, lb_d2 v) {
+        lb_i2 take = (m > v) | (m != m);
+        return (lb_d2)((take & (lb_i2)m) | (~take & (lb_i2)v)); }
+    LB_INLINE lb_vd lb_abs_d(lb_vd a) { a.lo = lb_abs2(a.lo); a.hi = lb_abs2(a.hi); return a; }
+    LB_INLINE lb_vd lb_max_d(lb_vd m, lb_vd v) {
+        m.lo = lb_max2(m.lo, v.lo); m.hi = lb_max2(m.hi, v.hi); return m; }
+    LB_INLINE double lb_lane0(lb_vd a) { return a.lo[0]; }
+    LB_INLINE lb_vd lb_set_lane0(lb_vd a, double x) { a.lo[0] = x; return a; }
+    #endif
+    #else
+    #define LB_INLINE static CYTHON_INLINE
     typedef struct { float e[4]; } lb_vf;
     typedef struct { double e[4]; } lb_vd;
     #define LB_EACH(expr) { int j_; for (j_ = 0; j_ < 4; j_++) { expr; } }
@@ -171,8 +207,10 @@ cdef extern from *:
                 w = lb_abs_d(lb_wide_##S(v[k])); \\
                 asum[k] = lb_add_d(asum[k], w); \\
                 mx[k] = lb_max_d(mx[k], w); \\
-                if (has_b) dot[k] = lb_add_d(dot[k], lb_mul_d(lb_wide_##S(v[k]), \\
-                                                            lb_wide_##S(lb_ld_##S(b + i + 4 * k)))); \\
+                if (has_b) { \\
+                    lb_vd wb = lb_wide_##S(lb_ld_##S(b + i + 4 * k)); \\
+                    dot[k] = lb_add_d(dot[k], lb_mul_d(lb_wide_##S(v[k]), wb)); \\
+                } \\
             } \\
             for (k = 0; k < 4; k++) lb_st_##S(dst + i + 4 * k, v[k]); \\
         } \\
