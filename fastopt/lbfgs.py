@@ -5,13 +5,16 @@
         return f(x), grad_f(x)           # (loss, gradient of x's shape or flat)
     first_loss = opt.step(closure)       # up to max_iter iterations, x updated in place
 
-L-BFGS is not element-wise, so it is not a registry row: the algorithm is
-../shared/RULES.md, "Not element-wise: L-BFGS". The control flow (stopping rules,
-the strong-Wolfe line search) is scalar Python here; every pass over the vectors
-is one call into the backend's ``lbfgs_*`` kernels (``fastopt/kernels/lbfgs.pxi``,
-or ``fastopt/backends/_numba_lbfgs.py`` without the compiled kernels), over
-buffers allocated once: the history is a ring of ``history_size + 1`` rows, one
-spare so that a new pair is written before it is known to be kept.
+L-BFGS is not element-wise, so it is not a registry row. Each iteration keeps the
+pair s = x_new - x_old, y = g_new - g_old when y.s > 1e-10 (the oldest pair goes
+once history_size are kept), takes the direction d = -H g from the two-loop
+recursion over the pairs (H_diag = y.s / y.y of the newest pair scales the middle),
+and moves x by t d: t = lr (the first iteration ever: min(1, 1/||g||_1) lr), or the
+t of a strong-Wolfe line search. The control flow (stopping rules, the line search)
+is scalar Python here; every pass over the vectors is one call into the backend's
+``lbfgs_*`` kernels (``fastopt/kernels/lbfgs.pxi``, or
+``fastopt/backends/_numba_lbfgs.py`` without the compiled kernels), over buffers
+allocated once.
 
 A torch front end drives the same class on a flat NumPy view of its parameters:
 it passes that 1-D buffer as ``param`` and a closure returning
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,7 +40,10 @@ _threads = backends._num_threads
 
 DEFAULTS = {"lr": 1, "max_iter": 20, "max_eval": None, "tolerance_grad": 1e-7,
             "tolerance_change": 1e-9, "history_size": 100, "line_search_fn": None}
-_SCALARS = ("func_evals", "n_iter", "t", "H_diag", "prev_loss")
+# The state, under torch.optim.LBFGS's names: scalars always, arrays after an
+# iteration ("al" is torch's scratch for the recursion, kept in no checkpoint here)
+SCALARS = ("func_evals", "n_iter", "t", "H_diag", "prev_loss")
+ARRAYS = ("d", "prev_flat_grad", "old_dirs", "old_stps", "ro")
 
 
 # ---------------------------------------------------------------------------
@@ -139,6 +146,266 @@ def _loss_value(loss) -> float:
 
 
 # ---------------------------------------------------------------------------
+# The history and the line search's points
+# ---------------------------------------------------------------------------
+
+class _History:
+    """The curvature pairs: rows of S (s = x_new - x_old) and Y (y = g_new - g_old)
+    used as a ring of history_size + 1 rows, one spare so that a new pair is written
+    before it is known to be kept. ro[k] = 1 / y_k.s_k in the same row numbering;
+    alpha is the recursion's scratch. The pairs, oldest first, are rows
+    (start + j) % rows for j < count."""
+
+    def __init__(self, n, dtype, size):
+        rows = size + 1
+        # np.empty: the OS commits a row's pages when it is first written, so memory
+        # grows with the pairs actually stored, as torch's does
+        self.S = np.empty((rows, n), dtype)
+        self.Y = np.empty((rows, n), dtype)
+        self.ro = np.zeros(rows)
+        self.alpha = np.zeros(rows)
+        self.size = size
+        self.start = 0
+        self.count = 0
+
+    def order(self) -> list:
+        """The rows of the pairs, oldest first."""
+        rows = self.S.shape[0]
+        return [(self.start + j) % rows for j in range(self.count)]
+
+    def spare(self) -> int:
+        """The row the next pair is written to."""
+        return (self.start + self.count) % self.S.shape[0]
+
+    def keep(self, ys) -> None:
+        """Keep the pair in the spare row (y.s = ys), dropping the oldest when full."""
+        slot = self.spare()
+        if self.count == self.size:
+            self.start = (self.start + 1) % self.S.shape[0]
+        else:
+            self.count += 1
+        self.ro[slot] = 1.0 / ys
+
+    def clear(self) -> None:
+        self.start = self.count = 0
+
+    def load(self, old_dirs, old_stps, ro) -> None:
+        """The pairs of a checkpoint, oldest first (checked by the caller)."""
+        m = ro.shape[0]
+        self.Y[:m] = old_dirs
+        self.S[:m] = old_stps
+        self.ro[:m] = ro
+        self.start, self.count = 0, m
+
+
+class _Point(NamedTuple):
+    """A point x0 + t d the line search evaluated: its loss f, the buffer slot of its
+    gradient g, and the directional derivative gtd = g.d."""
+    t: float
+    f: float
+    g: int
+    gtd: float
+
+
+class _Trials:
+    """The line search's evaluations of the closure at x0 + t d.
+
+    The gradients live in three slots (the optimizer's free _g and two buffers of
+    its own) plus X0, the gradient at x0 (the optimizer's g_prev); a new
+    evaluation goes into a slot no live point refers to, so nothing is allocated
+    or cloned. ``evals`` counts the evaluations."""
+
+    X0 = -1
+
+    def __init__(self, opt, closure):
+        K, nth, part = opt._k, _threads[0], opt._part
+        p, d = opt._flat, opt._d
+        if opt._ls is None:
+            n, dt = p.shape[0], p.dtype
+            opt._ls = [full(n, dt, 0), full(n, dt, 0), full(n, dt, 0)]
+        self.opt, self.closure = opt, closure
+        self.x0 = opt._ls[0]
+        self.slots = [opt._g, opt._ls[1], opt._ls[2]]
+        self.gmax = {}
+        self.evals = 0
+        K.lbfgs_copy(self.x0, p, None, part, nth)
+        # max |d| (the copy into a free slot is how the kernels give it)
+        self.d_norm = K.lbfgs_copy(self.slots[2], d, None, part, nth)[2]
+
+    def __call__(self, t, live) -> _Point:
+        opt = self.opt
+        K, nth, part = opt._k, _threads[0], opt._part
+        K.lbfgs_move(opt._flat, self.x0, opt._d, t, part, nth)
+        try:
+            loss, grad = opt._evaluate(self.closure)
+        except BaseException:
+            K.lbfgs_copy(opt._flat, self.x0, None, part, nth)  # back to where it began
+            raise
+        s = next(i for i in range(3) if i not in live)
+        _, gtd, self.gmax[s] = K.lbfgs_copy(self.slots[s], grad, opt._d, part, nth)
+        self.evals += 1
+        return _Point(t, loss, s, gtd)
+
+    def accept(self, pt: _Point):
+        """param <- x0 + pt.t d and the optimizer's _g <- pt's gradient; returns
+        (max |g|, max |t d|)."""
+        opt = self.opt
+        K, nth, part = opt._k, _threads[0], opt._part
+        step_max = K.lbfgs_move(opt._flat, self.x0, opt._d, pt.t, part, nth)
+        s = pt.g
+        if s == self.X0:
+            gmax = K.lbfgs_copy(opt._g, opt._g_prev, None, part, nth)[2]
+        else:
+            gmax = self.gmax[s]
+            if s != 0:  # make the accepted slot _g
+                opt._ls[s], opt._g = opt._g, self.slots[s]
+        return gmax, step_max
+
+
+# The strong-Wolfe line search (More and Thuente's scheme as torch, after minFunc,
+# implements it): _bracket finds an interval holding an acceptable step, _zoom
+# shrinks it. Both stop once max_ls evaluations follow the first.
+
+def _bracket(trial, x0: _Point, t, c1, c2, max_ls):
+    """From x0 (t = 0) and a first step t: ([a, b], False) with an acceptable step
+    between a and b (or b the last try when max_ls ran out), or ([the accepted
+    point], True)."""
+    new = trial(t, ())
+    prev = x0
+    while trial.evals - 1 < max_ls:
+        if new.f > x0.f + c1 * new.t * x0.gtd or (trial.evals > 2 and new.f >= prev.f):
+            return [prev, new], False
+        if abs(new.gtd) <= -c2 * x0.gtd:
+            return [new], True
+        if new.gtd >= 0:
+            return [prev, new], False
+        # extrapolate: a cubic step within [t + 0.01 (t - t_prev), 10 t]
+        lo_step, hi_step = new.t + 0.01 * (new.t - prev.t), new.t * 10
+        t = _cubic_min(prev.t, prev.f, prev.gtd, new.t, new.f, new.gtd, (lo_step, hi_step))
+        prev = new
+        new = trial(t, (prev.g,))
+    return [x0, new], False
+
+
+def _zoom(trial, bracket, x0: _Point, tol_change, c1, c2, max_ls) -> _Point:
+    """The accepted point of a bracket [a, b] (in either order)."""
+    insuf_progress = False
+    lo, hi = (0, 1) if bracket[0].f <= bracket[-1].f else (1, 0)
+    while trial.evals - 1 < max_ls:
+        a, b = bracket
+        if abs(b.t - a.t) * trial.d_norm < tol_change:
+            break
+        t = _cubic_min(a.t, a.f, a.gtd, b.t, b.f, b.gtd)
+        top, bot = max(a.t, b.t), min(a.t, b.t)
+        eps = 0.1 * (top - bot)
+        if min(top - t, t - bot) < eps:
+            # too close to an end: move away from it unless the last try was fine
+            if insuf_progress or t >= top or t <= bot:
+                t = top - eps if abs(t - top) < abs(t - bot) else bot + eps
+                insuf_progress = False
+            else:
+                insuf_progress = True
+        else:
+            insuf_progress = False
+        new = trial(t, (a.g, b.g))
+        if new.f > x0.f + c1 * t * x0.gtd or new.f >= bracket[lo].f:
+            bracket[hi] = new
+            lo, hi = (0, 1) if bracket[0].f <= bracket[1].f else (1, 0)
+        else:
+            if abs(new.gtd) <= -c2 * x0.gtd:
+                return new
+            if new.gtd * (bracket[hi].t - bracket[lo].t) >= 0:
+                bracket[hi] = bracket[lo]
+            bracket[lo] = new
+    return bracket[lo]
+
+
+def _strong_wolfe(trial, f, gtd, t, tol_change, max_ls, c1=1e-4, c2=0.9) -> _Point:
+    x0 = _Point(0.0, f, trial.X0, gtd)
+    bracket, done = _bracket(trial, x0, t, c1, c2, max_ls)
+    return bracket[0] if done else _zoom(trial, bracket, x0, tol_change, c1, c2, max_ls)
+
+
+# ---------------------------------------------------------------------------
+# State dicts
+# ---------------------------------------------------------------------------
+
+def check_state_keys(keys, n_iter, where) -> None:
+    """The one check of which state an L-BFGS state holds, in this class's
+    state_dict (scalars and arrays) and in torch.optim.LBFGS's (both in one dict):
+    ValueError naming ``where`` for a name L-BFGS does not keep, or for one it
+    needs after an iteration."""
+    unknown = set(keys) - set(SCALARS) - set(ARRAYS) - {"al"}
+    if unknown:
+        raise ValueError(f"{where} has {sorted(unknown)}, which LBFGS does not keep: a "
+                         "state dict of another optimizer?")
+    if n_iter:
+        missing = [k for k in ARRAYS + SCALARS[2:] if k not in keys]
+        if missing:
+            raise ValueError(f"{where} lacks {missing} after an iteration")
+
+
+def _check_state_dict(sd, dtype, size):
+    """(hyperparameters, scalars, arrays) of a state_dict, every part checked
+    against a param of ``dtype`` and ``size`` elements."""
+    if not isinstance(sd, dict):
+        raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
+    for key in ("rule", "dtype", "size", "hyperparameters", "scalars", "state"):
+        if key not in sd:
+            raise ValueError(f"state_dict is missing {key!r}")
+    if sd.get("format", STATE_DICT_FORMAT) != STATE_DICT_FORMAT:
+        raise ValueError(f"state_dict format {sd['format']!r} is not {STATE_DICT_FORMAT!r}")
+    if sd["rule"] != "LBFGS":
+        raise ValueError(f"state_dict['rule'] is {sd['rule']!r}; this optimizer is 'LBFGS'")
+    if str(sd["dtype"]) != dtype.name:
+        raise ValueError(f"state_dict['dtype'] is {sd['dtype']!r}; the param has dtype "
+                         f"{dtype.name!r}")
+    if sd["size"] != size:
+        raise ValueError(f"state_dict['size'] is {sd['size']!r}; the param has {size} "
+                         "elements")
+    hps = sd["hyperparameters"]
+    if not isinstance(hps, dict) or set(hps) - set(DEFAULTS):
+        raise ValueError(f"state_dict['hyperparameters'] must be a dict with keys from "
+                         f"{sorted(DEFAULTS)}, got {hps!r}")
+    hp = check_hyperparameters({**DEFAULTS, **hps})
+    sc = sd["scalars"]
+    if not isinstance(sc, dict) or sorted(sc) != sorted(SCALARS):
+        raise ValueError(f"state_dict['scalars'] must have exactly {list(SCALARS)}, "
+                         f"got {sc!r}")
+    scalars = {k: _int(f"state_dict['scalars'][{k!r}]", sc[k], 0)
+               for k in ("func_evals", "n_iter")}
+    for k in ("t", "H_diag", "prev_loss"):
+        v = sc[k]
+        if scalars["n_iter"] > 0 or v is not None:
+            v = _real(f"state_dict['scalars'][{k!r}]", v)
+        scalars[k] = v
+    st = sd["state"]
+    if not isinstance(st, dict):
+        raise TypeError(f"state_dict['state'] must be a dict, got {type(st).__name__}")
+    check_state_keys([*sc, *st], scalars["n_iter"], "state_dict['state']")
+    arrays = {}
+    if scalars["n_iter"] > 0:
+        for k in ARRAYS:
+            if not isinstance(st[k], np.ndarray):
+                raise ValueError(f"state_dict['state'][{k!r}] must be a NumPy array "
+                                 f"after an iteration, got {type(st[k]).__name__}")
+            arrays[k] = st[k]
+        m = arrays["ro"].shape[0] if arrays["ro"].ndim == 1 else -1
+        want = {"d": ((size,), dtype), "prev_flat_grad": ((size,), dtype),
+                "old_dirs": ((m, size), dtype), "old_stps": ((m, size), dtype),
+                "ro": ((m,), np.dtype(np.float64))}
+        for k, (shape, wdt) in want.items():
+            if arrays[k].shape != shape or arrays[k].dtype != wdt:
+                raise ValueError(f"state_dict['state'][{k!r}] has shape "
+                                 f"{arrays[k].shape} and dtype {arrays[k].dtype}; "
+                                 f"expected {shape} {wdt}")
+        if m > hp["history_size"]:
+            raise ValueError(f"state_dict holds {m} pairs; history_size is "
+                             f"{hp['history_size']}")
+    return hp, scalars, arrays
+
+
+# ---------------------------------------------------------------------------
 # The optimizer
 # ---------------------------------------------------------------------------
 
@@ -207,24 +474,12 @@ class LBFGS:
         self._d = full(n, dt, 0)        # the direction (q and r of the recursion)
         self._part = np.zeros(3 * max(1, self._k.lbfgs_blocks(n)))
         self._ls = None                 # x0 and two gradient slots, at the first line search
-        self._alloc_history(hp["history_size"])
+        self._hist = _History(n, dt, hp["history_size"])
         self._func_evals = 0
         self._n_iter = 0
         self._t = None
         self._H_diag = None
         self._prev_loss = None
-
-    def _alloc_history(self, history_size):
-        n, dt = self._flat.shape[0], self._flat.dtype
-        rows = history_size + 1
-        # np.empty: the OS commits a row's pages when it is first written, so memory
-        # grows with the pairs actually stored, as torch's does
-        self._S = np.empty((rows, n), dt)
-        self._Y = np.empty((rows, n), dt)
-        self._ro = np.zeros(rows)
-        self._alpha = np.zeros(rows)
-        self._start = 0
-        self._count = 0
 
     # -- public attributes ----------------------------------------------------
     @property
@@ -256,20 +511,17 @@ class LBFGS:
         else:
             object.__setattr__(self, name, value)
 
-    def _pairs(self):
-        rows = self._S.shape[0]
-        return [(self._start + j) % rows for j in range(self._count)]
-
     @property
     def state(self) -> dict:
         """torch's state keys; arrays are views of the optimizer's buffers."""
         st = {"func_evals": self._func_evals, "n_iter": self._n_iter}
         if self._n_iter > 0:
-            rows = self._pairs()
-            st.update(d=self._d, t=self._t, old_dirs=[self._Y[k] for k in rows],
-                      old_stps=[self._S[k] for k in rows],
-                      ro=[float(self._ro[k]) for k in rows], H_diag=self._H_diag,
-                      prev_flat_grad=self._g_prev, prev_loss=self._prev_loss)
+            h = self._hist
+            rows = h.order()
+            st.update(d=self._d, t=self._t, old_dirs=[h.Y[k] for k in rows],
+                      old_stps=[h.S[k] for k in rows], ro=[float(h.ro[k]) for k in rows],
+                      H_diag=self._H_diag, prev_flat_grad=self._g_prev,
+                      prev_loss=self._prev_loss)
         return st
 
     def __repr__(self):
@@ -306,12 +558,10 @@ class LBFGS:
         """Up to max_iter L-BFGS iterations; returns the first loss evaluated."""
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        hp, K, nth = self._hp, self._k, _threads[0]
+        hp, K, nth, part = self._hp, self._k, _threads[0], self._part
         lr, max_iter, max_eval = hp["lr"], hp["max_iter"], hp["max_eval"]
         tol_grad, tol_change = hp["tolerance_grad"], hp["tolerance_change"]
-        history_size, part = hp["history_size"], self._part
-        p, d, S, Y = self._flat, self._d, self._S, self._Y
-        rows = S.shape[0]
+        p, d, hist = self._flat, self._d, self._hist
 
         loss, grad = self._evaluate(closure)
         abssum, _, gmax = K.lbfgs_copy(self._g, grad, None, part, nth)
@@ -327,22 +577,18 @@ class LBFGS:
             self._n_iter += 1
             first = self._n_iter == 1
             if first:
-                self._start = self._count = 0
+                hist.clear()
                 self._H_diag = 1.0
             else:
                 # y = g - g_prev and s = t d into the spare row; kept only if y.s > 1e-10
-                slot = (self._start + self._count) % rows
-                ys, yy = K.lbfgs_curvature(self._g, self._g_prev, d, self._t, Y[slot],
-                                           S[slot], part, nth)
+                slot = hist.spare()
+                ys, yy = K.lbfgs_curvature(self._g, self._g_prev, d, self._t, hist.Y[slot],
+                                           hist.S[slot], part, nth)
                 if ys > 1e-10:
-                    if self._count == history_size:
-                        self._start = (self._start + 1) % rows
-                    else:
-                        self._count += 1
-                    self._ro[slot] = 1.0 / ys
+                    hist.keep(ys)
                     self._H_diag = _div(ys, yy)
-            gtd = K.lbfgs_direction(self._g, d, S, Y, self._ro, self._alpha, self._start,
-                                    self._count, self._H_diag, first, part, nth)
+            gtd = K.lbfgs_direction(self._g, d, hist.S, hist.Y, hist.ro, hist.alpha,
+                                    hist.start, hist.count, self._H_diag, first, part, nth)
             # prev_flat_grad <- g: swap the buffers; _g is free for the next gradient
             self._g, self._g_prev = self._g_prev, self._g
             self._prev_loss = loss
@@ -351,9 +597,10 @@ class LBFGS:
                 break
 
             if hp["line_search_fn"] is not None:
-                loss, t, k, gmax, step_max = self._strong_wolfe(
-                    closure, t, loss, gtd, max_eval - evals, tol_change)
-                self._t = t
+                trial = _Trials(self, closure)
+                pt = _strong_wolfe(trial, loss, gtd, t, tol_change, max_eval - evals)
+                gmax, step_max = trial.accept(pt)
+                loss, self._t, k = pt.f, pt.t, trial.evals
             else:
                 step_max = K.lbfgs_move(p, None, d, t, part, nth)
                 k = 0
@@ -370,109 +617,6 @@ class LBFGS:
                 break
         return first_loss
 
-    # -- the strong-Wolfe line search (torch's _strong_wolfe, on buffer slots) ----
-    def _strong_wolfe(self, closure, t, f, gtd, max_ls, tol_change, c1=1e-4, c2=0.9):
-        """Returns (loss, t, evaluations, max|g|, max|t d|) with param at x0 + t d and
-        the accepted gradient in self._g.
-
-        Gradients live in three slots (the free _g and two more) plus G0, the
-        gradient at x0 (now _g_prev); a new evaluation goes into a slot no live
-        variable refers to, so nothing is allocated or cloned.
-        """
-        K, nth, part = self._k, _threads[0], self._part
-        p, d = self._flat, self._d
-        if self._ls is None:
-            n, dt = p.shape[0], p.dtype
-            self._ls = [full(n, dt, 0), full(n, dt, 0), full(n, dt, 0)]
-        x0 = self._ls[0]
-        slots = [self._g, self._ls[1], self._ls[2]]
-        G0 = -1
-        gmaxes = {}
-        K.lbfgs_copy(x0, p, None, part, nth)
-        d_norm = K.lbfgs_copy(slots[2], d, None, part, nth)[2]
-
-        def trial(t, live):
-            K.lbfgs_move(p, x0, d, t, part, nth)
-            try:
-                loss, grad = self._evaluate(closure)
-            except BaseException:
-                K.lbfgs_copy(p, x0, None, part, nth)  # back to where the search began
-                raise
-            s = next(i for i in range(3) if i not in live)
-            _, gtd_new, gmax = K.lbfgs_copy(slots[s], grad, d, part, nth)
-            gmaxes[s] = gmax
-            return loss, s, gtd_new
-
-        f_new, s_new, gtd_new = trial(t, ())
-        evals = 1
-        t_prev, f_prev, s_prev, gtd_prev = 0.0, f, G0, gtd
-        done = False
-        it = 0
-        while it < max_ls:
-            if f_new > f + c1 * t * gtd or (it > 1 and f_new >= f_prev):
-                br, bf, bs, bg = [t_prev, t], [f_prev, f_new], [s_prev, s_new], \
-                    [gtd_prev, gtd_new]
-                break
-            if abs(gtd_new) <= -c2 * gtd:
-                br, bf, bs = [t], [f_new], [s_new]
-                done = True
-                break
-            if gtd_new >= 0:
-                br, bf, bs, bg = [t_prev, t], [f_prev, f_new], [s_prev, s_new], \
-                    [gtd_prev, gtd_new]
-                break
-            # extrapolate: a cubic step within [t + 0.01 (t - t_prev), 10 t]
-            lo_step, hi_step = t + 0.01 * (t - t_prev), t * 10
-            t_old = t
-            t = _cubic_min(t_prev, f_prev, gtd_prev, t, f_new, gtd_new, (lo_step, hi_step))
-            t_prev, f_prev, s_prev, gtd_prev = t_old, f_new, s_new, gtd_new
-            f_new, s_new, gtd_new = trial(t, (s_prev,))
-            evals += 1
-            it += 1
-        if it == max_ls:
-            br, bf, bs = [0.0, t], [f, f_new], [G0, s_new]
-
-        # zoom
-        insuf_progress = False
-        lo, hi = (0, 1) if bf[0] <= bf[-1] else (1, 0)
-        while not done and it < max_ls:
-            if abs(br[1] - br[0]) * d_norm < tol_change:
-                break
-            t = _cubic_min(br[0], bf[0], bg[0], br[1], bf[1], bg[1])
-            top, bot = max(br), min(br)
-            eps = 0.1 * (top - bot)
-            if min(top - t, t - bot) < eps:
-                # too close to an end: move away from it unless the last try was fine
-                if insuf_progress or t >= top or t <= bot:
-                    t = top - eps if abs(t - top) < abs(t - bot) else bot + eps
-                    insuf_progress = False
-                else:
-                    insuf_progress = True
-            else:
-                insuf_progress = False
-            f_new, s_new, gtd_new = trial(t, tuple(bs))
-            evals += 1
-            it += 1
-            if f_new > f + c1 * t * gtd or f_new >= bf[lo]:
-                br[hi], bf[hi], bs[hi], bg[hi] = t, f_new, s_new, gtd_new
-                lo, hi = (0, 1) if bf[0] <= bf[1] else (1, 0)
-            else:
-                if abs(gtd_new) <= -c2 * gtd:
-                    done = True
-                elif gtd_new * (br[hi] - br[lo]) >= 0:
-                    br[hi], bf[hi], bs[hi], bg[hi] = br[lo], bf[lo], bs[lo], bg[lo]
-                br[lo], bf[lo], bs[lo], bg[lo] = t, f_new, s_new, gtd_new
-
-        t, f_new, s = br[lo], bf[lo], bs[lo]
-        step_max = K.lbfgs_move(p, x0, d, t, part, nth)
-        if s == G0:
-            gmax = K.lbfgs_copy(self._g, self._g_prev, None, part, nth)[2]
-        else:
-            gmax = gmaxes[s]
-            if s != 0:  # make the accepted slot _g
-                self._ls[s], self._g = self._g, slots[s]
-        return f_new, t, evals, gmax, step_max
-
     # -- checkpoints ------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain data (copies): hyperparameters, torch's scalar state, and d,
@@ -485,84 +629,26 @@ class LBFGS:
                           "prev_loss": self._prev_loss},
               "state": {}}
         if self._n_iter > 0:
-            rows = self._pairs()
+            h = self._hist
+            rows = h.order()
             sd["state"] = {"d": self._d.copy(), "prev_flat_grad": self._g_prev.copy(),
-                           "old_dirs": self._Y[rows].copy(),
-                           "old_stps": self._S[rows].copy(),
-                           "ro": self._ro[rows].copy()}
+                           "old_dirs": h.Y[rows].copy(), "old_stps": h.S[rows].copy(),
+                           "ro": h.ro[rows].copy()}
         return sd
 
     def load_state_dict(self, state_dict) -> None:
         """Restore a ``state_dict()``; everything is checked before anything changes."""
-        sd = state_dict
-        if not isinstance(sd, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
-        for key in ("rule", "dtype", "size", "hyperparameters", "scalars", "state"):
-            if key not in sd:
-                raise ValueError(f"state_dict is missing {key!r}")
-        if sd.get("format", STATE_DICT_FORMAT) != STATE_DICT_FORMAT:
-            raise ValueError(f"state_dict format {sd['format']!r} is not {STATE_DICT_FORMAT!r}")
-        if sd["rule"] != "LBFGS":
-            raise ValueError(f"state_dict['rule'] is {sd['rule']!r}; this optimizer is 'LBFGS'")
         n, dt = self._flat.shape[0], self._flat.dtype
-        if str(sd["dtype"]) != dt.name:
-            raise ValueError(f"state_dict['dtype'] is {sd['dtype']!r}; the param has dtype "
-                             f"{dt.name!r}")
-        if sd["size"] != n:
-            raise ValueError(f"state_dict['size'] is {sd['size']!r}; the param has {n} elements")
-        hps = sd["hyperparameters"]
-        if not isinstance(hps, dict) or set(hps) - set(DEFAULTS):
-            raise ValueError(f"state_dict['hyperparameters'] must be a dict with keys from "
-                             f"{sorted(DEFAULTS)}, got {hps!r}")
-        hp = check_hyperparameters({**DEFAULTS, **hps})
-        sc = sd["scalars"]
-        if not isinstance(sc, dict) or sorted(sc) != sorted(_SCALARS):
-            raise ValueError(f"state_dict['scalars'] must have exactly {list(_SCALARS)}, "
-                             f"got {sc!r}")
-        counts = {k: _int(f"state_dict['scalars'][{k!r}]", sc[k], 0)
-                  for k in ("func_evals", "n_iter")}
-        floats = {}
-        for k in ("t", "H_diag", "prev_loss"):
-            v = sc[k]
-            if counts["n_iter"] > 0 or v is not None:
-                v = _real(f"state_dict['scalars'][{k!r}]", v)
-            floats[k] = v
-        st = sd["state"]
-        if not isinstance(st, dict):
-            raise TypeError(f"state_dict['state'] must be a dict, got {type(st).__name__}")
-        arrays = {}
-        if counts["n_iter"] > 0:
-            for k in ("d", "prev_flat_grad", "old_dirs", "old_stps", "ro"):
-                if not isinstance(st.get(k), np.ndarray):
-                    raise ValueError(f"state_dict['state'][{k!r}] must be a NumPy array "
-                                     f"after an iteration, got {type(st.get(k)).__name__}")
-                arrays[k] = st[k]
-            m = arrays["ro"].shape[0] if arrays["ro"].ndim == 1 else -1
-            want = {"d": ((n,), dt), "prev_flat_grad": ((n,), dt),
-                    "old_dirs": ((m, n), dt), "old_stps": ((m, n), dt),
-                    "ro": ((m,), np.dtype(np.float64))}
-            for k, (shape, wdt) in want.items():
-                if arrays[k].shape != shape or arrays[k].dtype != wdt:
-                    raise ValueError(f"state_dict['state'][{k!r}] has shape "
-                                     f"{arrays[k].shape} and dtype {arrays[k].dtype}; "
-                                     f"expected {shape} {wdt}")
-            if m > hp["history_size"]:
-                raise ValueError(f"state_dict holds {m} pairs; history_size is "
-                                 f"{hp['history_size']}")
+        hp, scalars, arrays = _check_state_dict(state_dict, dt, n)
         # all checked: apply
-        if hp["history_size"] != self._hp["history_size"]:
-            self._alloc_history(hp["history_size"])
+        if hp["history_size"] != self._hist.size:
+            self._hist = _History(n, dt, hp["history_size"])
         self.__dict__["_hp"] = hp
-        self._func_evals, self._n_iter = counts["func_evals"], counts["n_iter"]
-        self._t, self._H_diag, self._prev_loss = floats["t"], floats["H_diag"], \
-            floats["prev_loss"]
-        self._start = 0
-        self._count = 0
+        self._func_evals, self._n_iter = scalars["func_evals"], scalars["n_iter"]
+        self._t, self._H_diag, self._prev_loss = (scalars["t"], scalars["H_diag"],
+                                                  scalars["prev_loss"])
+        self._hist.clear()
         if arrays:
-            m = arrays["ro"].shape[0]
             np.copyto(self._d, arrays["d"])
             np.copyto(self._g_prev, arrays["prev_flat_grad"])
-            self._Y[:m] = arrays["old_dirs"]
-            self._S[:m] = arrays["old_stps"]
-            self._ro[:m] = arrays["ro"]
-            self._count = m
+            self._hist.load(arrays["old_dirs"], arrays["old_stps"], arrays["ro"])

@@ -358,6 +358,13 @@ def test_load_state_dict_checks_before_changing():
     assert fresh.state == {"func_evals": 0, "n_iter": 0}
     with pytest.raises(ValueError, match="rule"):
         fresh.load_state_dict(dict(sd, rule="Adam"))
+    # the state's names: one check for this format and torch's
+    with pytest.raises(ValueError, match="'exp_avg'.*another optimizer"):
+        fresh.load_state_dict(dict(sd, state=dict(sd["state"], exp_avg=np.zeros(8))))
+    no_d = {k: v for k, v in sd["state"].items() if k != "d"}
+    with pytest.raises(ValueError, match=r"lacks \['d'\] after an iteration"):
+        fresh.load_state_dict(dict(sd, state=no_d))
+    assert fresh.state == {"func_evals": 0, "n_iter": 0}
 
 
 def _quadratic_run(n, dtype, ls, backend, steps=3):

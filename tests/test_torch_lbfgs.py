@@ -14,7 +14,8 @@ import fastopt.torch as ft  # noqa: E402
 from conftest import record  # noqa: E402
 
 # float32: torch takes its dot products in float32, fastopt accumulates them in
-# float64 (docs/rules.md, L-BFGS); over 28 iterations on Rosenbrock the iterates part
+# float64 (docs/rules.md, L-BFGS: a float32 product is exact there); over 28
+# iterations on Rosenbrock the iterates part
 # by ~1e-3 relative (measured 1.1e-3 with the fixed step, less with strong Wolfe)
 TOL = {torch.float64: 1e-10, torch.float32: 5e-3}
 

@@ -1,256 +1,335 @@
-# L-BFGS vector work (../shared/RULES.md, "Not element-wise: L-BFGS"): the
-# passes of one iteration, fused so that each reads and writes every vector as
-# few times as possible. Included after rules.pxi (it uses _max, _abs and
-# PARALLEL_MIN from there) by _baseline.pyx and _avx2.pyx.
+# L-BFGS vector work (the algorithm: fastopt/lbfgs.py): the passes of one
+# iteration, fused so that each reads and writes every vector as few times as
+# possible. Included after rules.pxi (it uses _max and PARALLEL_MIN from there)
+# by _baseline.pyx and _avx2.pyx.
 #
 # Deterministic reductions. A vector is cut into blocks of LBFGS_BLOCK elements
-# at fixed offsets. Inside a block LANES running sums take every LANES-th element
-# (lane = (i - lo) % LANES; the tail after the last whole group goes to lane 0)
-# and are combined as a fixed tree (lane j += lane j + 8, then j + 4, j + 2,
-# j + 1); the block sums are then added in block order on the calling thread.
-# Sixteen lanes are four AVX2 vectors of doubles: enough independent additions
-# to hide the adder's latency, so a pass runs at memory speed. Threads only decide who computes which block, never how a
+# at fixed offsets. Inside a block sixteen running sums (lanes) take every
+# sixteenth element (lane = (i - lo) % 16; the tail after the last whole group
+# goes to lane 0) and are combined as a fixed tree (lane j += lane j + 8, then
+# j + 4, j + 2, j + 1); the block sums are then added in block order on the
+# calling thread. Threads only decide who computes which block, never how a
 # block is summed, so a result is the same bit for bit for any thread count,
-# and fastopt.backends._numba_lbfgs repeats the same order exactly.
-# Sums are accumulated in float64 for both dtypes (RULES.md allows it): a
-# product of two float32 values is exact in float64.
+# and fastopt.backends._numba_lbfgs repeats the same order exactly. Sums are
+# accumulated in float64 for both dtypes: a product of two float32 values is
+# exact in float64.
 #
-# The history is two (rows, n) arrays S and Y used as a ring: the pairs, oldest
-# first, are rows (start + j) % rows for j < count.
+# The block loops are C (below), on vectors of four elements: the sixteen lanes
+# are four vectors of four doubles, and float32 data is widened four elements
+# at a time (one conversion instruction per four elements, not one per element:
+# the compiler scalarised the widening when the lanes were a Cython array, and
+# the passes ran at a third of the memory's speed). Written with GCC/Clang vector
+# extensions; the _baseline build runs them as SSE2 pairs, other compilers as
+# plain loops (FASTOPT_LBFGS_PORTABLE forces those for testing), and every
+# variant rounds identically: the same IEEE operations in the same order, no
+# FMA contraction.
 
 DEF LBFGS_BLOCK = 4096
-DEF LANES = 16
 
-cdef enum LbfgsOp:
-    L_NEG, L_AXPY, L_AXPY_SCALE, L_SCALE
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <math.h>
 
+    #if (defined(__GNUC__) || defined(__clang__)) && !defined(FASTOPT_LBFGS_PORTABLE)
+    #define LB_INLINE static inline __attribute__((always_inline))
+    #define LB_NOSIGN 0x7fffffffffffffffLL
+    typedef float lb_vf __attribute__((vector_size(16)));
+    #define LB_OPS(S, V, T) \\
+        LB_INLINE V lb_ld_##S(const T* p) { V v; memcpy(&v, p, sizeof v); return v; } \\
+        LB_INLINE void lb_st_##S(T* p, V v) { memcpy(p, &v, sizeof v); } \\
+        LB_INLINE V lb_add_##S(V a, V b) { return a + b; } \\
+        LB_INLINE V lb_sub_##S(V a, V b) { return a - b; } \\
+        LB_INLINE V lb_mul_##S(V a, V b) { return a * b; } \\
+        LB_INLINE V lb_neg_##S(V a) { return -a; }
+    LB_OPS(f, lb_vf, float)
+    LB_INLINE lb_vf lb_splat_f(float c) { lb_vf v = {c, c, c, c}; return v; }
+    #if defined(__AVX__)
+    #include <immintrin.h>
+    typedef double lb_vd __attribute__((vector_size(32)));
+    typedef long long lb_vi __attribute__((vector_size(32)));
+    LB_OPS(d, lb_vd, double)
+    LB_INLINE lb_vd lb_splat_d(double c) { lb_vd v = {c, c, c, c}; return v; }
+    /* GCC 12 splits __builtin_convertvector into halves through memory here */
+    LB_INLINE lb_vd lb_wide_f(lb_vf v) { return (lb_vd)_mm256_cvtps_pd((__m128)v); }
+    LB_INLINE lb_vd lb_abs_d(lb_vd a) {
+        const lb_vi m = {LB_NOSIGN, LB_NOSIGN, LB_NOSIGN, LB_NOSIGN};
+        return (lb_vd)((lb_vi)a & m); }
+    LB_INLINE lb_vd lb_max_d(lb_vd m, lb_vd v) {
+        /* rules.pxi's _max per lane: m if m > v or m is NaN, else v */
+        lb_vi take = (m > v) | (m != m);
+        return (lb_vd)((take & (lb_vi)m) | (~take & (lb_vi)v)); }
+    LB_INLINE double lb_lane0(lb_vd a) { return a[0]; }
+    LB_INLINE lb_vd lb_set_lane0(lb_vd a, double x) { a[0] = x; return a; }
+    #else
+    /* Without AVX four doubles are two 16-byte halves (a 32-byte vector passed
+     * by value would change the ABI, and GCC says so even for inline functions) */
+    typedef double lb_d2 __attribute__((vector_size(16)));
+    typedef long long lb_i2 __attribute__((vector_size(16)));
+    typedef float lb_f2 __attribute__((vector_size(8)));
+    typedef struct { lb_d2 lo, hi; } lb_vd;
+    #define LB_HALVES(name, op) \\
+        LB_INLINE lb_vd name(lb_vd a, lb_vd b) { \\
+            a.lo = a.lo op b.lo; a.hi = a.hi op b.hi; return a; }
+    LB_HALVES(lb_add_d, +)
+    LB_HALVES(lb_sub_d, -)
+    LB_HALVES(lb_mul_d, *)
+    LB_INLINE lb_vd lb_ld_d(const double* p) { lb_vd v; memcpy(&v, p, sizeof v); return v; }
+    LB_INLINE void lb_st_d(double* p, lb_vd v) { memcpy(p, &v, sizeof v); }
+    LB_INLINE lb_vd lb_splat_d(double c) { lb_vd v; v.lo = (lb_d2){c, c}; v.hi = v.lo; return v; }
+    LB_INLINE lb_vd lb_neg_d(lb_vd a) { a.lo = -a.lo; a.hi = -a.hi; return a; }
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    LB_INLINE lb_vd lb_wide_f(lb_vf v) {
+        lb_vd r;
+        r.lo = (lb_d2)_mm_cvtps_pd((__m128)v);
+        r.hi = (lb_d2)_mm_cvtps_pd(_mm_movehl_ps((__m128)v, (__m128)v));
+        return r; }
+    #else
+    LB_INLINE lb_vd lb_wide_f(lb_vf v) {
+        lb_f2 lo = {v[0], v[1]}, hi = {v[2], v[3]};
+        lb_vd r;
+        r.lo = __builtin_convertvector(lo, lb_d2);
+        r.hi = __builtin_convertvector(hi, lb_d2);
+        return r; }
+    #endif
+    LB_INLINE lb_d2 lb_abs2(lb_d2 a) {
+        const lb_i2 m = {LB_NOSIGN, LB_NOSIGN};
+        return (lb_d2)((lb_i2)a & m); }
+    LB_INLINE lb_d2 lb_max2(lb_d2 m, lb_d2 v) {
+        lb_i2 take = (m > v) | (m != m);
+        return (lb_d2)((take & (lb_i2)m) | (~take & (lb_i2)v)); }
+    LB_INLINE lb_vd lb_abs_d(lb_vd a) { a.lo = lb_abs2(a.lo); a.hi = lb_abs2(a.hi); return a; }
+    LB_INLINE lb_vd lb_max_d(lb_vd m, lb_vd v) {
+        m.lo = lb_max2(m.lo, v.lo); m.hi = lb_max2(m.hi, v.hi); return m; }
+    LB_INLINE double lb_lane0(lb_vd a) { return a.lo[0]; }
+    LB_INLINE lb_vd lb_set_lane0(lb_vd a, double x) { a.lo[0] = x; return a; }
+    #endif
+    #else
+    #define LB_INLINE static CYTHON_INLINE
+    typedef struct { float e[4]; } lb_vf;
+    typedef struct { double e[4]; } lb_vd;
+    #define LB_EACH(expr) { int j_; for (j_ = 0; j_ < 4; j_++) { expr; } }
+    #define LB_OPS(S, V, T) \\
+        LB_INLINE V lb_ld_##S(const T* p) { V v; memcpy(v.e, p, sizeof v.e); return v; } \\
+        LB_INLINE void lb_st_##S(T* p, V v) { memcpy(p, v.e, sizeof v.e); } \\
+        LB_INLINE V lb_splat_##S(T c) { V v; LB_EACH(v.e[j_] = c) return v; } \\
+        LB_INLINE V lb_add_##S(V a, V b) { LB_EACH(a.e[j_] = a.e[j_] + b.e[j_]) return a; } \\
+        LB_INLINE V lb_sub_##S(V a, V b) { LB_EACH(a.e[j_] = a.e[j_] - b.e[j_]) return a; } \\
+        LB_INLINE V lb_mul_##S(V a, V b) { LB_EACH(a.e[j_] = a.e[j_] * b.e[j_]) return a; } \\
+        LB_INLINE V lb_neg_##S(V a) { LB_EACH(a.e[j_] = -a.e[j_]) return a; }
+    LB_OPS(f, lb_vf, float)
+    LB_OPS(d, lb_vd, double)
+    LB_INLINE lb_vd lb_wide_f(lb_vf v) { lb_vd r; LB_EACH(r.e[j_] = (double)v.e[j_]) return r; }
+    LB_INLINE lb_vd lb_abs_d(lb_vd a) { LB_EACH(a.e[j_] = fabs(a.e[j_])) return a; }
+    LB_INLINE lb_vd lb_max_d(lb_vd m, lb_vd v) {
+        LB_EACH(if (!(m.e[j_] > v.e[j_] || m.e[j_] != m.e[j_])) m.e[j_] = v.e[j_]) return m; }
+    LB_INLINE double lb_lane0(lb_vd a) { return a.e[0]; }
+    LB_INLINE lb_vd lb_set_lane0(lb_vd a, double x) { a.e[0] = x; return a; }
+    #endif
+    LB_INLINE lb_vd lb_wide_d(lb_vd v) { return v; }
 
-cdef inline floating _lb_val(LbfgsOp op, const floating* x, const floating* a,
-                             floating c1, floating c2, Py_ssize_t i) noexcept nogil:
-    # the new value of x[i] in each fused update of the two-loop recursion
-    if op == L_NEG:
-        return -a[i]
-    elif op == L_AXPY:
-        return x[i] + c1 * a[i]
-    elif op == L_AXPY_SCALE:
-        return c2 * (x[i] + c1 * a[i])
-    else:
-        return c2 * x[i]
+    static inline double lb_max1(double m, double v) { return (m > v || m != m) ? m : v; }
 
+    /* The sixteen lanes of a block: lane 4k + j is acc[k][j]. */
+    LB_INLINE void lb_lanes_zero(lb_vd* acc) {
+        int k; for (k = 0; k < 4; k++) acc[k] = lb_splat_d(0.0); }
+    LB_INLINE double lb_lanes_sum(const lb_vd* acc) {
+        /* the fixed tree: lane j += lane j + 8, then j + 4, j + 2, j + 1 */
+        double t[4];
+        lb_vd a = lb_add_d(lb_add_d(acc[0], acc[2]), lb_add_d(acc[1], acc[3]));
+        memcpy(t, &a, sizeof t);
+        return (t[0] + t[2]) + (t[1] + t[3]); }
+    LB_INLINE double lb_lanes_max(const lb_vd* acc) {
+        double t[16]; int j; double m;
+        memcpy(t, acc, sizeof t);
+        m = t[0];
+        for (j = 1; j < 16; j++) m = lb_max1(m, t[j]);
+        return m; }
 
-cdef inline void _lb_zero(double* acc) noexcept nogil:
-    cdef int j
-    for j in range(LANES):
-        acc[j] = 0
+    enum { LB_NEG, LB_AXPY, LB_AXPY_SCALE, LB_SCALE };
 
-
-cdef inline double _lb_sum(double* acc) noexcept nogil:
-    # the lanes added as a fixed tree: (0+8, 1+9, ...), then (0+4, ...), (0+2, 1+3), 0+1
-    cdef int j, w = LANES // 2
-    while w > 0:
-        for j in range(w):
-            acc[j] = acc[j] + acc[j + w]
-        w = w // 2
-    return acc[0]
-
-
-cdef inline double _lb_maxlanes(double* acc) noexcept nogil:
-    cdef int j
-    cdef double m = acc[0]
-    for j in range(1, LANES):
-        m = _max(m, acc[j])
-    return m
-
-
-cdef inline void _lb_update_dot_loop(LbfgsOp op, floating* x, const floating* a,
-                                     const floating* b, floating c1, floating c2,
-                                     Py_ssize_t lo, Py_ssize_t hi,
-                                     double* out) noexcept nogil:
-    # x[i] <- new value; out[0] = sum b[i] * x[i] over the block (lane i % LANES)
-    cdef double acc[LANES]
-    cdef floating vs[LANES]
-    cdef double vd[LANES]
-    cdef double bd[LANES]
-    cdef floating v
-    cdef Py_ssize_t i = lo
-    cdef int j
-    _lb_zero(acc)
-    while i + LANES <= hi:
-        # all loads, then all stores: the compiler cannot know that x, a and b
-        # never overlap, and would otherwise keep each load after the last store.
-        # One short loop per op (the branch is taken once per LANES elements), so
-        # that each vectorises.
-        if op == L_NEG:
-            for j in range(LANES):
-                vs[j] = -a[i + j]
-        elif op == L_AXPY:
-            for j in range(LANES):
-                vs[j] = x[i + j] + c1 * a[i + j]
-        elif op == L_AXPY_SCALE:
-            for j in range(LANES):
-                vs[j] = c2 * (x[i + j] + c1 * a[i + j])
-        else:
-            for j in range(LANES):
-                vs[j] = c2 * x[i + j]
-        for j in range(LANES):
-            x[i + j] = vs[j]
-        for j in range(LANES):
-            vd[j] = vs[j]
-        for j in range(LANES):
-            bd[j] = b[i + j]
-        for j in range(LANES):
-            acc[j] = acc[j] + bd[j] * vd[j]
-        i = i + LANES
-    while i < hi:
-        v = _lb_val(op, x, a, c1, c2, i)
-        x[i] = v
-        acc[0] = acc[0] + <double>b[i] * <double>v
-        i = i + 1
-    out[0] = _lb_sum(acc)
-
-
-cdef void _lb_update_dot_block(LbfgsOp op, floating* x, const floating* a,
-                               const floating* b, floating c1, floating c2, Py_ssize_t lo,
-                               Py_ssize_t hi, double* out) noexcept nogil:
-    # one loop per op, so that no branch is left inside a loop
-    if op == L_NEG:
-        _lb_update_dot_loop(L_NEG, x, a, b, c1, c2, lo, hi, out)
-    elif op == L_AXPY:
-        _lb_update_dot_loop(L_AXPY, x, a, b, c1, c2, lo, hi, out)
-    elif op == L_AXPY_SCALE:
-        _lb_update_dot_loop(L_AXPY_SCALE, x, a, b, c1, c2, lo, hi, out)
-    else:
-        _lb_update_dot_loop(L_SCALE, x, a, b, c1, c2, lo, hi, out)
-
-
-cdef inline void _lb_copy_loop(bint has_b, floating* dst, const floating* src,
-                               const floating* b, Py_ssize_t lo, Py_ssize_t hi,
-                               double* out) noexcept nogil:
-    cdef double asum[LANES]
-    cdef double dot[LANES]
-    cdef double mx[LANES]
-    cdef floating v
-    cdef Py_ssize_t i = lo
-    cdef int j
-    _lb_zero(asum)
-    _lb_zero(dot)
-    _lb_zero(mx)
-    while i + LANES <= hi:
-        for j in range(LANES):
-            v = src[i + j]
-            asum[j] = asum[j] + <double>_abs(v)
-            mx[j] = _max(mx[j], <double>_abs(v))
-            if has_b:
-                dot[j] = dot[j] + <double>v * <double>b[i + j]
-        for j in range(LANES):
-            dst[i + j] = src[i + j]
-        i = i + LANES
-    while i < hi:
-        v = src[i]
-        dst[i] = v
-        asum[0] = asum[0] + <double>_abs(v)
-        mx[0] = _max(mx[0], <double>_abs(v))
-        if has_b:
-            dot[0] = dot[0] + <double>v * <double>b[i]
-        i = i + 1
-    out[0] = _lb_sum(asum)
-    out[1] = _lb_sum(dot)
-    out[2] = _lb_maxlanes(mx)
-
-
-cdef void _lb_copy_block(floating* dst, const floating* src, const floating* b,
-                         Py_ssize_t lo, Py_ssize_t hi, double* out) noexcept nogil:
-    # dst <- src; out = [sum |src|, sum src*b (0 if b is NULL), max |src|]
-    if b != NULL:
-        _lb_copy_loop(True, dst, src, b, lo, hi, out)
-    else:
-        _lb_copy_loop(False, dst, src, b, lo, hi, out)
-
-
-cdef void _lb_curvature_block(const floating* g, const floating* gp, const floating* d,
-                              floating t, floating* y, floating* s, Py_ssize_t lo,
-                              Py_ssize_t hi, double* out) noexcept nogil:
-    # y <- g - g_prev, s <- t*d; out = [y.s, y.y]
-    cdef double ys[LANES]
-    cdef double yy[LANES]
-    cdef floating yvs[LANES]
-    cdef floating svs[LANES]
-    cdef floating yv, sv
-    cdef Py_ssize_t i = lo
-    cdef int j
-    _lb_zero(ys)
-    _lb_zero(yy)
-    while i + LANES <= hi:
-        for j in range(LANES):
-            yvs[j] = g[i + j] - gp[i + j]
-            svs[j] = t * d[i + j]
-        for j in range(LANES):
-            ys[j] = ys[j] + <double>yvs[j] * <double>svs[j]
-            yy[j] = yy[j] + <double>yvs[j] * <double>yvs[j]
-        for j in range(LANES):
-            y[i + j] = yvs[j]
-            s[i + j] = svs[j]
-        i = i + LANES
-    while i < hi:
-        yv = g[i] - gp[i]
-        sv = t * d[i]
-        y[i] = yv
-        s[i] = sv
-        ys[0] = ys[0] + <double>yv * <double>sv
-        yy[0] = yy[0] + <double>yv * <double>yv
-        i = i + 1
-    out[0] = _lb_sum(ys)
-    out[1] = _lb_sum(yy)
-
-
-cdef void _lb_move_block(floating* p, const floating* x0, const floating* d, floating t,
-                         Py_ssize_t lo, Py_ssize_t hi, double* out) noexcept nogil:
-    # p <- p + t*d, or p <- x0 + t*d (a line-search point) when x0 is given;
-    # out[2] = max |t*d|, the step's size
-    cdef double mx[LANES]
-    cdef floating sds[LANES]
-    cdef floating ps[LANES]
-    cdef floating sd
-    cdef Py_ssize_t i = lo
-    cdef int j
-    _lb_zero(mx)
-    if x0 == NULL:
-        x0 = p
-    while i + LANES <= hi:
-        for j in range(LANES):
-            sds[j] = t * d[i + j]
-            ps[j] = x0[i + j] + sds[j]
-            mx[j] = _max(mx[j], <double>_abs(sds[j]))
-        for j in range(LANES):
-            p[i + j] = ps[j]
-        i = i + LANES
-    while i < hi:
-        sd = t * d[i]
-        p[i] = x0[i] + sd
-        mx[0] = _max(mx[0], <double>_abs(sd))
-        i = i + 1
-    out[2] = _lb_maxlanes(mx)
+    /* The block kernels for one element type T (suffix S: f float, d double):
+     *   update_dot  x <- op(x, a) (-a, x + c1 a, c2 (x + c1 a), c2 x); out[0] = b.x
+     *   copy        dst <- src; out = [sum |src|, src.b (0 without b), max |src|]
+     *   curvature   y <- g - gp, s <- t d; out = [y.s, y.y]
+     *   move        p <- x0 + t d (x0 = p without x0); out[2] = max |t d|
+     * Within a group of sixteen, every load comes before every store: the
+     * compiler cannot know the vectors never overlap. */
+    #define LB_KERNELS(S, T) \\
+    LB_INLINE T lb_val1_##S(int op, T x, T a, T c1, T c2) { \\
+        return op == LB_NEG ? -a : op == LB_AXPY ? x + c1 * a \\
+             : op == LB_AXPY_SCALE ? c2 * (x + c1 * a) : c2 * x; } \\
+    LB_INLINE void lb_update_dot_op_##S(int op, T* x, const T* a, const T* b, T c1, T c2, \\
+                                        Py_ssize_t lo, Py_ssize_t hi, double* out) { \\
+        lb_vd acc[4]; double s0; T v1; int k; Py_ssize_t i = lo; \\
+        lb_v##S vc1 = lb_splat_##S(c1), vc2 = lb_splat_##S(c2), v[4]; \\
+        lb_lanes_zero(acc); \\
+        for (; i + 16 <= hi; i += 16) { \\
+            for (k = 0; k < 4; k++) { \\
+                const T* ak = a + i + 4 * k; const T* xk = x + i + 4 * k; \\
+                if (op == LB_NEG) v[k] = lb_neg_##S(lb_ld_##S(ak)); \\
+                else if (op == LB_AXPY) \\
+                    v[k] = lb_add_##S(lb_ld_##S(xk), lb_mul_##S(vc1, lb_ld_##S(ak))); \\
+                else if (op == LB_AXPY_SCALE) v[k] = lb_mul_##S(vc2, \\
+                    lb_add_##S(lb_ld_##S(xk), lb_mul_##S(vc1, lb_ld_##S(ak)))); \\
+                else v[k] = lb_mul_##S(vc2, lb_ld_##S(xk)); \\
+            } \\
+            for (k = 0; k < 4; k++) lb_st_##S(x + i + 4 * k, v[k]); \\
+            for (k = 0; k < 4; k++) acc[k] = lb_add_d(acc[k], \\
+                lb_mul_d(lb_wide_##S(lb_ld_##S(b + i + 4 * k)), lb_wide_##S(v[k]))); \\
+        } \\
+        s0 = lb_lane0(acc[0]); \\
+        for (; i < hi; i++) { \\
+            v1 = lb_val1_##S(op, x[i], a[i], c1, c2); \\
+            x[i] = v1; \\
+            s0 = s0 + (double)b[i] * (double)v1; \\
+        } \\
+        acc[0] = lb_set_lane0(acc[0], s0); \\
+        out[0] = lb_lanes_sum(acc); } \\
+    static void lb_update_dot_##S(int op, T* x, const T* a, const T* b, T c1, T c2, \\
+                                  Py_ssize_t lo, Py_ssize_t hi, double* out) { \\
+        /* one loop per op: the op is a constant in each */ \\
+        switch (op) { \\
+        case LB_NEG: lb_update_dot_op_##S(LB_NEG, x, a, b, c1, c2, lo, hi, out); break; \\
+        case LB_AXPY: lb_update_dot_op_##S(LB_AXPY, x, a, b, c1, c2, lo, hi, out); break; \\
+        case LB_AXPY_SCALE: \\
+            lb_update_dot_op_##S(LB_AXPY_SCALE, x, a, b, c1, c2, lo, hi, out); break; \\
+        default: lb_update_dot_op_##S(LB_SCALE, x, a, b, c1, c2, lo, hi, out); } } \\
+    LB_INLINE void lb_copy_b_##S(int has_b, T* dst, const T* src, const T* b, \\
+                                 Py_ssize_t lo, Py_ssize_t hi, double* out) { \\
+        lb_vd asum[4], dot[4], mx[4], w; double a0, d0, m0, v1; int k; Py_ssize_t i = lo; \\
+        lb_v##S v[4]; \\
+        lb_lanes_zero(asum); lb_lanes_zero(dot); lb_lanes_zero(mx); \\
+        for (; i + 16 <= hi; i += 16) { \\
+            for (k = 0; k < 4; k++) { \\
+                v[k] = lb_ld_##S(src + i + 4 * k); \\
+                w = lb_abs_d(lb_wide_##S(v[k])); \\
+                asum[k] = lb_add_d(asum[k], w); \\
+                mx[k] = lb_max_d(mx[k], w); \\
+                if (has_b) { \\
+                    lb_vd wb = lb_wide_##S(lb_ld_##S(b + i + 4 * k)); \\
+                    dot[k] = lb_add_d(dot[k], lb_mul_d(lb_wide_##S(v[k]), wb)); \\
+                } \\
+            } \\
+            for (k = 0; k < 4; k++) lb_st_##S(dst + i + 4 * k, v[k]); \\
+        } \\
+        a0 = lb_lane0(asum[0]); d0 = lb_lane0(dot[0]); m0 = lb_lane0(mx[0]); \\
+        for (; i < hi; i++) { \\
+            v1 = (double)src[i]; \\
+            dst[i] = src[i]; \\
+            a0 = a0 + fabs(v1); \\
+            m0 = lb_max1(m0, fabs(v1)); \\
+            if (has_b) d0 = d0 + v1 * (double)b[i]; \\
+        } \\
+        asum[0] = lb_set_lane0(asum[0], a0); dot[0] = lb_set_lane0(dot[0], d0); \\
+        mx[0] = lb_set_lane0(mx[0], m0); \\
+        out[0] = lb_lanes_sum(asum); out[1] = lb_lanes_sum(dot); out[2] = lb_lanes_max(mx); } \\
+    static void lb_copy_##S(T* dst, const T* src, const T* b, Py_ssize_t lo, Py_ssize_t hi, \\
+                            double* out) { \\
+        if (b != NULL) lb_copy_b_##S(1, dst, src, b, lo, hi, out); \\
+        else lb_copy_b_##S(0, dst, src, b, lo, hi, out); } \\
+    static void lb_curvature_##S(const T* g, const T* gp, const T* d, T t, T* y, T* s, \\
+                                 Py_ssize_t lo, Py_ssize_t hi, double* out) { \\
+        lb_vd ys[4], yy[4]; double ys0, yy0; T yv, sv; int k; Py_ssize_t i = lo; \\
+        lb_v##S vt = lb_splat_##S(t), yk[4], sk[4]; \\
+        lb_lanes_zero(ys); lb_lanes_zero(yy); \\
+        for (; i + 16 <= hi; i += 16) { \\
+            for (k = 0; k < 4; k++) { \\
+                yk[k] = lb_sub_##S(lb_ld_##S(g + i + 4 * k), lb_ld_##S(gp + i + 4 * k)); \\
+                sk[k] = lb_mul_##S(vt, lb_ld_##S(d + i + 4 * k)); \\
+            } \\
+            for (k = 0; k < 4; k++) { \\
+                lb_st_##S(y + i + 4 * k, yk[k]); lb_st_##S(s + i + 4 * k, sk[k]); \\
+                ys[k] = lb_add_d(ys[k], lb_mul_d(lb_wide_##S(yk[k]), lb_wide_##S(sk[k]))); \\
+                yy[k] = lb_add_d(yy[k], lb_mul_d(lb_wide_##S(yk[k]), lb_wide_##S(yk[k]))); \\
+            } \\
+        } \\
+        ys0 = lb_lane0(ys[0]); yy0 = lb_lane0(yy[0]); \\
+        for (; i < hi; i++) { \\
+            yv = g[i] - gp[i]; sv = t * d[i]; \\
+            y[i] = yv; s[i] = sv; \\
+            ys0 = ys0 + (double)yv * (double)sv; \\
+            yy0 = yy0 + (double)yv * (double)yv; \\
+        } \\
+        ys[0] = lb_set_lane0(ys[0], ys0); yy[0] = lb_set_lane0(yy[0], yy0); \\
+        out[0] = lb_lanes_sum(ys); out[1] = lb_lanes_sum(yy); } \\
+    static void lb_move_##S(T* p, const T* x0, const T* d, T t, Py_ssize_t lo, Py_ssize_t hi, \\
+                            double* out) { \\
+        lb_vd mx[4]; double m0; T sd; int k; Py_ssize_t i = lo; \\
+        lb_v##S vt = lb_splat_##S(t), sk[4], pk[4]; \\
+        if (x0 == NULL) x0 = p; \\
+        lb_lanes_zero(mx); \\
+        for (; i + 16 <= hi; i += 16) { \\
+            for (k = 0; k < 4; k++) { \\
+                sk[k] = lb_mul_##S(vt, lb_ld_##S(d + i + 4 * k)); \\
+                pk[k] = lb_add_##S(lb_ld_##S(x0 + i + 4 * k), sk[k]); \\
+            } \\
+            for (k = 0; k < 4; k++) { \\
+                lb_st_##S(p + i + 4 * k, pk[k]); \\
+                mx[k] = lb_max_d(mx[k], lb_abs_d(lb_wide_##S(sk[k]))); \\
+            } \\
+        } \\
+        m0 = lb_lane0(mx[0]); \\
+        for (; i < hi; i++) { \\
+            sd = t * d[i]; \\
+            p[i] = x0[i] + sd; \\
+            m0 = lb_max1(m0, fabs((double)sd)); \\
+        } \\
+        mx[0] = lb_set_lane0(mx[0], m0); \\
+        out[2] = lb_lanes_max(mx); }
+    LB_KERNELS(f, float)
+    LB_KERNELS(d, double)
+    """
+    enum: LB_NEG, LB_AXPY, LB_AXPY_SCALE, LB_SCALE
+    void lb_update_dot_f(int op, float* x, const float* a, const float* b, float c1,
+                         float c2, Py_ssize_t lo, Py_ssize_t hi, double* out) noexcept nogil
+    void lb_update_dot_d(int op, double* x, const double* a, const double* b, double c1,
+                         double c2, Py_ssize_t lo, Py_ssize_t hi, double* out) noexcept nogil
+    void lb_copy_f(float* dst, const float* src, const float* b, Py_ssize_t lo,
+                   Py_ssize_t hi, double* out) noexcept nogil
+    void lb_copy_d(double* dst, const double* src, const double* b, Py_ssize_t lo,
+                   Py_ssize_t hi, double* out) noexcept nogil
+    void lb_curvature_f(const float* g, const float* gp, const float* d, float t, float* y,
+                        float* s, Py_ssize_t lo, Py_ssize_t hi, double* out) noexcept nogil
+    void lb_curvature_d(const double* g, const double* gp, const double* d, double t,
+                        double* y, double* s, Py_ssize_t lo, Py_ssize_t hi,
+                        double* out) noexcept nogil
+    void lb_move_f(float* p, const float* x0, const float* d, float t, Py_ssize_t lo,
+                   Py_ssize_t hi, double* out) noexcept nogil
+    void lb_move_d(double* p, const double* x0, const double* d, double t, Py_ssize_t lo,
+                   Py_ssize_t hi, double* out) noexcept nogil
 
 
 cdef enum LbfgsPass:
     P_UPDATE_DOT, P_COPY, P_CURVATURE, P_MOVE
 
 
-cdef inline void _lb_block(LbfgsPass kind, LbfgsOp op, floating* x, floating* x2,
+cdef inline void _lb_block(LbfgsPass kind, int op, floating* x, floating* x2,
                            const floating* a, const floating* b, const floating* c,
                            floating c1, floating c2, Py_ssize_t lo, Py_ssize_t hi,
                            double* out) noexcept nogil:
-    if kind == P_UPDATE_DOT:
-        _lb_update_dot_block(op, x, a, b, c1, c2, lo, hi, out)
-    elif kind == P_COPY:
-        _lb_copy_block(x, a, b, lo, hi, out)
-    elif kind == P_CURVATURE:
-        _lb_curvature_block(a, b, c, c1, x, x2, lo, hi, out)
+    if floating is float:
+        if kind == P_UPDATE_DOT:
+            lb_update_dot_f(op, x, a, b, c1, c2, lo, hi, out)
+        elif kind == P_COPY:
+            lb_copy_f(x, a, b, lo, hi, out)
+        elif kind == P_CURVATURE:
+            lb_curvature_f(a, b, c, c1, x, x2, lo, hi, out)
+        else:
+            lb_move_f(x, b, a, c1, lo, hi, out)
     else:
-        _lb_move_block(x, b, a, c1, lo, hi, out)
+        if kind == P_UPDATE_DOT:
+            lb_update_dot_d(op, x, a, b, c1, c2, lo, hi, out)
+        elif kind == P_COPY:
+            lb_copy_d(x, a, b, lo, hi, out)
+        elif kind == P_CURVATURE:
+            lb_curvature_d(a, b, c, c1, x, x2, lo, hi, out)
+        else:
+            lb_move_d(x, b, a, c1, lo, hi, out)
 
 
-cdef void _lb_pass(LbfgsPass kind, LbfgsOp op, floating* x, floating* x2,
+cdef void _lb_pass(LbfgsPass kind, int op, floating* x, floating* x2,
                    const floating* a, const floating* b, const floating* c, double c1,
                    double c2, Py_ssize_t n, int nthreads, double* part,
                    double* res) noexcept nogil:
@@ -314,7 +393,7 @@ def lbfgs_copy(floating[::1] dst, const floating[::1] src, const floating[::1] o
     if other is not None:
         b = &other[0]
     with nogil:
-        _lb_pass(P_COPY, L_NEG, &dst[0], NULL, &src[0], b, NULL, 0, 0, n, nthreads,
+        _lb_pass(P_COPY, LB_NEG, &dst[0], NULL, &src[0], b, NULL, 0, 0, n, nthreads,
                  &part[0], res)
     return res[0], res[1], res[2]
 
@@ -331,7 +410,7 @@ def lbfgs_curvature(const floating[::1] g, const floating[::1] g_prev,
     if n == 0:
         return 0.0, 0.0
     with nogil:
-        _lb_pass(P_CURVATURE, L_NEG, &y[0], &s[0], &g[0], &g_prev[0], &d[0], t, 0, n,
+        _lb_pass(P_CURVATURE, LB_NEG, &y[0], &s[0], &g[0], &g_prev[0], &d[0], t, 0, n,
                  nthreads, &part[0], res)
     return res[0], res[1]
 
@@ -351,7 +430,7 @@ def lbfgs_move(floating[::1] p, const floating[::1] x0, const floating[::1] d, d
     if x0 is not None:
         b = &x0[0]
     with nogil:
-        _lb_pass(P_MOVE, L_NEG, &p[0], NULL, &d[0], b, NULL, t, 0, n, nthreads, &part[0],
+        _lb_pass(P_MOVE, LB_NEG, &p[0], NULL, &d[0], b, NULL, t, 0, n, nthreads, &part[0],
                  res)
     return res[2]
 
@@ -364,7 +443,7 @@ cdef double _lb_two_loop(const floating* g, floating* d, floating* S, floating* 
     cdef double dot, beta
     # q = -g, with s_newest . q
     k = (start + count - 1) % rows
-    _lb_pass(P_UPDATE_DOT, L_NEG, d, NULL, g, S + k * n, NULL, 0, 0, n,
+    _lb_pass(P_UPDATE_DOT, LB_NEG, d, NULL, g, S + k * n, NULL, 0, 0, n,
              nthreads, part, res)
     dot = res[0]
     j = count - 1
@@ -374,11 +453,11 @@ cdef double _lb_two_loop(const floating* g, floating* d, floating* S, floating* 
         if j > 0:
             # q <- q - a_j y_j, with s_{j-1} . q
             nxt = (start + j - 1) % rows
-            _lb_pass(P_UPDATE_DOT, L_AXPY, d, NULL, Y + k * n, S + nxt * n, NULL,
+            _lb_pass(P_UPDATE_DOT, LB_AXPY, d, NULL, Y + k * n, S + nxt * n, NULL,
                      -alpha[k], 0, n, nthreads, part, res)
         else:
             # r <- H_diag (q - a_0 y_0), with y_0 . r
-            _lb_pass(P_UPDATE_DOT, L_AXPY_SCALE, d, NULL, Y + k * n, Y + k * n,
+            _lb_pass(P_UPDATE_DOT, LB_AXPY_SCALE, d, NULL, Y + k * n, Y + k * n,
                      NULL, -alpha[k], H_diag, n, nthreads, part, res)
         dot = res[0]
         j = j - 1
@@ -388,10 +467,10 @@ cdef double _lb_two_loop(const floating* g, floating* d, floating* S, floating* 
         # r <- r + (a_j - b_j) s_j, with y_{j+1} . r (g . d after the newest)
         if j + 1 < count:
             nxt = (start + j + 1) % rows
-            _lb_pass(P_UPDATE_DOT, L_AXPY, d, NULL, S + k * n, Y + nxt * n, NULL,
+            _lb_pass(P_UPDATE_DOT, LB_AXPY, d, NULL, S + k * n, Y + nxt * n, NULL,
                      alpha[k] - beta, 0, n, nthreads, part, res)
         else:
-            _lb_pass(P_UPDATE_DOT, L_AXPY, d, NULL, S + k * n, g, NULL,
+            _lb_pass(P_UPDATE_DOT, LB_AXPY, d, NULL, S + k * n, g, NULL,
                      alpha[k] - beta, 0, n, nthreads, part, res)
         dot = res[0]
     return dot
@@ -425,10 +504,10 @@ def lbfgs_direction(const floating[::1] g, floating[::1] d, floating[:, ::1] S,
     with nogil:
         if first or count == 0:
             # d = -g; after the first iteration, with no pair kept, d = H_diag * -g
-            _lb_pass(P_UPDATE_DOT, L_NEG, &d[0], NULL, &g[0], &g[0], NULL, 0, 0, n,
+            _lb_pass(P_UPDATE_DOT, LB_NEG, &d[0], NULL, &g[0], &g[0], NULL, 0, 0, n,
                      nthreads, &part[0], res)
             if not first:
-                _lb_pass(P_UPDATE_DOT, L_SCALE, &d[0], NULL, &g[0], &g[0], NULL, 0,
+                _lb_pass(P_UPDATE_DOT, LB_SCALE, &d[0], NULL, &g[0], &g[0], NULL, 0,
                          H_diag, n, nthreads, &part[0], res)
             dot = res[0]
             count = 0

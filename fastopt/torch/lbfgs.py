@@ -242,22 +242,13 @@ def _from_torch(st: dict, hp: dict, flat: torch.Tensor) -> dict:
     class checks the values."""
     if not isinstance(st, dict):
         raise TypeError(f"the LBFGS state must be a dict, got {type(st).__name__}")
-    known = {"func_evals", "n_iter", "al", "old_dirs", "old_stps", "ro", *_VECTORS,
-             *_SCALARS}
-    unknown = set(st) - known
-    if unknown:
-        raise ValueError(f"the LBFGS state has {sorted(unknown)}, which LBFGS does not "
-                         "keep: a state dict of another optimizer?")
     dtype = flat.numpy().dtype
     n_iter = _number(st.get("n_iter", 0), "state 'n_iter'")
+    _core.check_state_keys(st, n_iter, "the LBFGS state")
     scalars = {"func_evals": _number(st.get("func_evals", 0), "state 'func_evals'"),
                "n_iter": n_iter, "t": None, "H_diag": None, "prev_loss": None}
     state = {}
     if n_iter:
-        missing = [k for k in ("old_dirs", "old_stps", "ro", *_VECTORS, *_SCALARS)
-                   if k not in st]
-        if missing:
-            raise ValueError(f"the LBFGS state lacks {missing} after an iteration")
         for k in _SCALARS:
             scalars[k] = _number(st[k], f"state {k!r}")
         for k in _VECTORS:
