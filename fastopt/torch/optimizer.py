@@ -39,7 +39,8 @@ def run_segments(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=Tr
     return backend.run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check)
 
 
-_increment_version = torch.autograd.graph.increment_version
+# torch.autograd.graph.increment_version without its isinstance wrapper (a list here)
+_increment_version = torch._C._increment_version
 
 # torch's dispatch flags. fastopt makes one fused call per run anyway: foreach and
 # fused describe what it does, so any value is accepted and kept in the group.
