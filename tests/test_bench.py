@@ -14,6 +14,7 @@ import pytest
 
 from fastopt.bench import cli, config, grid, report, scenarios, torch_model
 from fastopt.bench import peers as P
+from cases import kernel_paths
 from fastopt.rules import RULES
 
 TINY = ["--sizes", "1000,5000", "--rules", "Adam,SGD", "--repeats", "2", "--warmup", "1",
@@ -158,22 +159,9 @@ def test_unavailable_rule_is_not_applicable():
         P.make_step("torch_fused", "RMSprop", hp, p, p.copy())
 
 
-VARIANTS = {
-    "SGD": [{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
-            {"momentum": 0.5, "dampening": 0.3, "maximize": True}, {}],
-    "SGDW": [{"momentum": 0.9, "weight_decay": 0.1}],
-    "Adam": [{}, {"amsgrad": True, "weight_decay": 0.1}, {"maximize": True}],
-    "AdamW": [{}],
-    "Adagrad": [{}, {"lr_decay": 0.1, "weight_decay": 0.1, "initial_accumulator_value": 0.1}],
-    "RMSprop": [{}, {"centered": True, "momentum": 0.9, "weight_decay": 0.1}],
-    "Adadelta": [{}, {"weight_decay": 0.1, "maximize": True}],
-    "Adamax": [{}, {"weight_decay": 0.1}],
-    "NAdam": [{}, {"decoupled_weight_decay": True, "weight_decay": 0.1}],
-    "RAdam": [{}, {"decoupled_weight_decay": True, "weight_decay": 0.1}],
-    "ASGD": [{}, {"t0": 2, "weight_decay": 0.1}],
-    "Rprop": [{}, {"maximize": True}],
-    "Lion": [{}, {"weight_decay": 0.1, "maximize": True}],
-}
+# every branch of each rule's kernel, from the registry (tests/cases.py)
+VARIANTS = {name: [{k: v for k, v in hp.items() if v != RULES[name].defaults[k]}
+                   for hp in kernel_paths(name)] for name in RULES}
 
 
 @pytest.mark.parametrize("rule", list(RULES))
