@@ -29,7 +29,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import fastopt  # noqa: E402
 import fastopt.torch as fot  # noqa: E402
-from cases import AXES  # noqa: E402
+from cases import AXES, kernel_paths  # noqa: E402
+from fastopt import reference  # noqa: E402
 from conftest import record  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
 
@@ -38,7 +39,7 @@ EXTRA_RULES = [name for name, rule in RULES.items() if not rule.in_torch]
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 
 # Normwise relative deviation max|a-b|/max|b| allowed between fastopt.torch and
-# torch.optim (or the test's reference for SGDW/Lion) over a whole training run.
+# torch.optim (or, for a rule torch lacks, the NumPy reference) over a whole training run.
 # Measured on this model and machine (the record() summary at the end of a run),
 # largest over all rules, losses and final parameters: float32 7.2e-7 (RMSprop),
 # float64 9.4e-16 (SGD): a few ulps, the training amplifies the per-step last-bit
@@ -65,6 +66,10 @@ HP = {
     "Rprop": dict(etas=(0.3, 1.5), step_sizes=(1e-5, 0.05)),
     "Lion": dict(lr=3e-4, weight_decay=0.1),
 }
+# a rule without an entry runs its fullest kernel path from the registry's probes
+for _name in RULES:
+    HP.setdefault(_name, {k: v for k, v in kernel_paths(_name)[0].items()
+                          if v != RULES[_name].defaults[k] and k not in ("lr", "maximize")})
 for _name, _hp in HP.items():
     _hp.setdefault("lr", AXES[_name]["lr"][0])
 
@@ -135,50 +140,39 @@ def grouped(model, name, hp):
     return [{"params": decay}, {"params": rest, "lr": hp["lr"] * 0.5}]
 
 
-class SGDWReference(torch.optim.SGD):
-    """SGDW as the slow obvious version: decoupled decay θ(1 − γλ), then torch's SGD."""
+class ReferenceOptimizer(torch.optim.Optimizer):
+    """A rule torch lacks (SGDW, Lion, ...) as the slow obvious version: the NumPy
+    reference (fastopt.reference) one tensor at a time, on NumPy views of the
+    tensors, with torch's protocol around it (groups, state per parameter)."""
 
-    def __init__(self, params, weight_decay=0.0, **kw):
-        super().__init__(params, weight_decay=weight_decay, **kw)
-        for g in self.param_groups:  # torch's SGD would add it to the gradient
-            g["decoupled_wd"], g["weight_decay"] = g["weight_decay"], 0.0
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is not None:
-                    p.mul_(1.0 - g["lr"] * g["decoupled_wd"])
-        return super().step(closure)
-
-
-class LionReference(torch.optim.Optimizer):
-    """Lion (Chen et al. 2023) as the slow obvious version, one tensor at a time."""
-
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      maximize=maximize))
+    def __init__(self, params, rule_name, **hp):
+        self.rule_name = rule_name
+        super().__init__(params, {**RULES[rule_name].defaults, **hp})
 
     @torch.no_grad()
     def step(self, closure=None):
+        name = self.rule_name
         for group in self.param_groups:
-            b1, b2 = group["betas"]
+            hp = {k: group[k] for k in RULES[name].defaults}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = -p.grad if group["maximize"] else p.grad
-                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.sub_(group["lr"] * torch.sign(b1 * m + (1 - b1) * g))
-                m.mul_(b2).add_((1 - b2) * g)
+                st = self.state[p]
+                if not st:
+                    st["t"] = 0
+                    st["arrays"] = reference.initial_state(name, hp, p.numel(),
+                                                           p.detach().numpy().dtype)
+                    st["scalars"] = reference.initial_scalars(name, hp)
+                st["t"] += 1
+                reference.step(name, p.detach().view(-1).numpy(),
+                               p.grad.detach().reshape(-1).numpy(), st["arrays"],
+                               st["scalars"], hp, st["t"])
 
 
 def reference_class(name):
-    if name == "SGDW":
-        return SGDWReference
-    if name == "Lion":
-        return LionReference
-    return getattr(torch.optim, name)
+    if RULES[name].in_torch:
+        return getattr(torch.optim, name)
+    return lambda params, **hp: ReferenceOptimizer(params, name, **hp)
 
 
 @contextlib.contextmanager
