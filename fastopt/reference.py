@@ -276,3 +276,13 @@ def lion(param, grad, state, scalars, hp, t):
     param -= hp["lr"] * sign(beta1 * m + (1.0 - beta1) * g)
     m *= beta2
     m += (1.0 - beta2) * g
+
+
+@rule("Signum", state=lambda hp: {"momentum_buffer": 0.0})
+def signum(param, grad, state, scalars, hp, t):
+    beta = hp["momentum"]
+    g = _grad(param, grad, hp, True)
+    m = state["momentum_buffer"]
+    m *= beta
+    m += (1.0 - beta) * g
+    param -= hp["lr"] * sign(m)

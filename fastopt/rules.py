@@ -650,6 +650,26 @@ _add(Rule(
                  "maximize?")))
 
 
+def _plan_signum(hp, t, scalars, fresh):
+    beta = hp["momentum"]
+    _, decay = _weight_decay_split(hp, True)
+    return (hp["lr"], beta, 1.0 - beta, decay, int(hp["maximize"])), scalars
+
+
+_add(Rule(
+    "Signum", "signum",
+    (LR(1e-4, 1e-3),
+     Hyper("momentum", 0.9, check=_unit_interval("momentum"), doc="momentum β",
+           probe=(0.0, 0.9)),
+     WD(probe=0.1), MAXIMIZE),
+    (Buffer("momentum_buffer"),),
+    _plan_signum, _bytes(2),
+    paper="Bernstein et al. 2018, signSGD: Compressed Optimisation for Non-Convex Problems",
+    update="m ← βm + (1−β)g; θ ← θ(1 − γλ) − γ·sign(m)",
+    in_torch=False,
+    plan_fields=("lr", "momentum", "one_minus_momentum", "decay", "maximize?")))
+
+
 # The kernels every backend implements, one per distinct Rule.kernel
 KERNELS: tuple[str, ...] = tuple(dict.fromkeys(rule.kernel for rule in RULES.values()))
 

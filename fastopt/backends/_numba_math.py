@@ -385,6 +385,24 @@ def lion(p, g, m, _a1, _a2, k, _h0, _h1, _h2):
     return p, m, _a1, _a2
 
 
+@register_jitable
+def signum_coefs(c, dt):
+    # lr, beta, omb, decay, maximize, use_decay
+    return (dt(c.lr), dt(c.momentum), dt(c.one_minus_momentum), dt(c.decay),
+            c.maximize != 0, c.decay != 1)
+
+
+@register_jitable
+def signum(p, g, m, _a1, _a2, k, _h0, _h1, _h2):
+    lr, beta, omb, decay, maximize, use_decay = k
+    gi = -g if maximize else g
+    if use_decay:
+        p = _mul(p, decay)
+    m = _mul(beta, m) + _mul(omb, gi)
+    p = p - _mul(lr, _sign(m))
+    return p, m, _a1, _a2
+
+
 # --------------------------------------------------------------------------
 # The tables, from the registry: kernel name -> (coefs, element, rule name for
 # messages, names of the slots), and one namedtuple class per kernel whose fields

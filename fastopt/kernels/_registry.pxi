@@ -13,6 +13,7 @@ cdef enum KernelId:
     K_ASGD
     K_RPROP
     K_LION
+    K_SIGNUM
 
 
 # sgd: plan fields of SGD, SGDW
@@ -138,6 +139,15 @@ cdef struct LionPlan:
     double maximize
 
 
+# signum: plan fields of Signum
+cdef struct SignumPlan:
+    double lr
+    double momentum
+    double one_minus_momentum
+    double decay
+    double maximize
+
+
 cdef inline void _chunk(KernelId kernel, floating* p, const floating* g,
                         floating* s0, floating* s1, floating* s2, const double* c,
                         Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -163,6 +173,8 @@ cdef inline void _chunk(KernelId kernel, floating* p, const floating* g,
         rprop_chunk(p, g, s0, s1, s2, <const RpropPlan*>c, lo, hi)
     elif kernel == K_LION:
         lion_chunk(p, g, s0, s1, s2, <const LionPlan*>c, lo, hi)
+    elif kernel == K_SIGNUM:
+        signum_chunk(p, g, s0, s1, s2, <const SignumPlan*>c, lo, hi)
 
 
 # kernel name -> (id, number of plan fields, names of the buffer slots)
@@ -178,4 +190,5 @@ KERNEL_TABLE = {
     'asgd': (K_ASGD, 5, ('param', 'grad', 'ax')),
     'rprop': (K_RPROP, 5, ('param', 'grad', 'prev', 'step_size')),
     'lion': (K_LION, 7, ('param', 'grad', 'exp_avg')),
+    'signum': (K_SIGNUM, 5, ('param', 'grad', 'momentum_buffer')),
 }

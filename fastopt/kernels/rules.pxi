@@ -346,3 +346,20 @@ cdef void lion_chunk(floating* p, const floating* g, floating* m, floating* unus
         ci = b1 * m[i] + omb1 * gi
         p[i] = p[i] - lr * _sign(ci)
         m[i] = b2 * m[i] + omb2 * gi
+
+
+cdef void signum_chunk(floating* p, const floating* g, floating* m, floating* unused1,
+                       floating* unused2, const SignumPlan* c, Py_ssize_t lo,
+                       Py_ssize_t hi) noexcept nogil:
+    cdef floating lr = <floating>c.lr, beta = <floating>c.momentum
+    cdef floating omb = <floating>c.one_minus_momentum, decay = <floating>c.decay
+    cdef bint maximize = c.maximize != 0, use_decay = c.decay != 1
+    cdef Py_ssize_t i
+    cdef floating gi, mi
+    for i in range(lo, hi):
+        gi = -g[i] if maximize else g[i]
+        if use_decay:
+            p[i] = p[i] * decay
+        mi = beta * m[i] + omb * gi
+        m[i] = mi
+        p[i] = p[i] - lr * _sign(mi)
