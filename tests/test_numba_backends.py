@@ -32,7 +32,7 @@ CYTHON = backends.load("cython") if backends.available("cython") else None
 CUDA = backends.load("cuda") if backends.available("cuda") else None
 
 DTYPES = (np.float32, np.float64)
-LENGTHS = (1, 7, 1031, 100003)  # 100003 > PARALLEL_MIN: the threaded path
+LENGTHS = (1, 7, 1031, 33343)  # 33343 > PARALLEL_MIN: the threaded path
 STEPS = 30
 
 

@@ -26,7 +26,9 @@ from conftest import record  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
 
 STEPS = 100
-LENGTHS = (7, 1031)
+# one odd length with a SIMD tail: short and long buffers are the reference suite's
+# business (test_reference, bitwise); here the question is torch's semantics
+LENGTHS = (1031,)
 RTOL = {np.float32: 2e-5, np.float64: 1e-10}
 TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
 
