@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch", reason="torch parity needs torch (CI instal
 
 import fastopt  # noqa: E402
 from cases import case_id, combos, grads, initial_param  # noqa: E402
-from conftest import record  # noqa: E402
+from conftest import Backend, record  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
 
 STEPS = 100
@@ -58,6 +58,14 @@ def run_torch(name, hp, n, dtype, steps):
                             if torch.is_tensor(v) and v.numel() == n}
     finally:
         torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """The compiled backend: the Numba and CUDA backends are proven bitwise equal to it
+    path by path (test_numba_backends.py, test_engine.py), so torch parity on them too
+    would add minutes and no evidence."""
+    return Backend("cython")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
