@@ -43,6 +43,15 @@ def slots(params, buffers, nbuf):
                 yield s, 2 + j, b
 
 
+def check_grad_list(grads, n, prefix=""):
+    """A list step's gradients: a list or tuple of one array per param."""
+    if not isinstance(grads, (list, tuple)):
+        raise TypeError(f"{prefix}grad must be a list of {n} arrays (one per param), got "
+                        f"{type(grads).__name__}")
+    if len(grads) != n:
+        raise ValueError(f"{prefix}grad has {len(grads)} arrays, param has {n}")
+
+
 def present_slots(table) -> tuple:
     """Which of the three state slots a bound table uses (a constant of the loop)."""
     return tuple(bool(table[0, slot]) for slot in range(2, NSLOT))

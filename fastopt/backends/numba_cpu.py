@@ -250,12 +250,7 @@ class Bound:
         if self.single:
             self._take(grads, 0)
         else:
-            if not isinstance(grads, (list, tuple)):
-                raise TypeError(f"grad must be a list of {len(self.sizes)} arrays (one per "
-                                f"param), got {type(grads).__name__}")
-            if len(grads) != len(self.sizes):
-                raise ValueError(f"grad has {len(grads)} arrays, param has "
-                                 f"{len(self.sizes)}")
+            S.check_grad_list(grads, len(self.sizes))
             for s, g in enumerate(grads):
                 self._take(g, s)
         self.ready = True

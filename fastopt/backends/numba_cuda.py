@@ -744,12 +744,7 @@ class SegmentBound:
 
     def prepare(self, grads):
         self.ready = False
-        if not isinstance(grads, (list, tuple)):
-            raise TypeError(f"{self.rule}: grad must be a list of {len(self.sizes)} arrays "
-                            f"(one per param), got {type(grads).__name__}")
-        if len(grads) != len(self.sizes):
-            raise ValueError(f"{self.rule}: grad has {len(grads)} arrays, param has "
-                             f"{len(self.sizes)}")
+        S.check_grad_list(grads, len(self.sizes), f"{self.rule}: ")
         ptrs = []
         stream = 0
         for s, g in enumerate(grads):

@@ -85,6 +85,16 @@ def check_param_dtype(p: torch.Tensor, where: str) -> None:
                         "master weights, e.g. with torch.autocast)")
 
 
+def _check_param(p, where):
+    """A parameter fastopt can step: float32/float64, dense, on the CPU or a GPU."""
+    check_param_dtype(p, where)
+    if p.layout != torch.strided:
+        raise TypeError(f"{where} is a {p.layout} tensor; fastopt updates dense parameters")
+    if p.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{where} is on device {p.device}; fastopt.torch runs on CPU "
+                         "and CUDA tensors")
+
+
 def _plain(value):
     """A tensor hyperparameter (torch allows lr=torch.tensor(...)) as a number."""
     if isinstance(value, torch.Tensor):
@@ -324,13 +334,7 @@ class Optimizer(torch.optim.Optimizer):
     @staticmethod
     def _check_params(params):
         for k, p in enumerate(params):
-            check_param_dtype(p, f"param {k} of the group")
-            if p.layout != torch.strided:
-                raise TypeError(f"param {k} of the group is a {p.layout} tensor; fastopt "
-                                "updates dense parameters")
-            if p.device.type not in ("cpu", "cuda"):
-                raise ValueError(f"param {k} of the group is on device {p.device}; "
-                                 "fastopt.torch runs on CPU and CUDA tensors")
+            _check_param(p, f"param {k} of the group")
 
     def _raw(self, group):
         try:
@@ -570,13 +574,7 @@ class Optimizer(torch.optim.Optimizer):
     def _check_pair(p, g, where):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{where} is a {type(p).__name__}, not a tensor")
-        check_param_dtype(p, where)
-        if p.layout != torch.strided:
-            raise TypeError(f"{where} is a {p.layout} tensor; fastopt updates dense "
-                            "parameters")
-        if p.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"{where} is on device {p.device}; fastopt.torch runs on "
-                             "CPU and CUDA tensors")
+        _check_param(p, where)
         if g.dtype != p.dtype:
             raise TypeError(f"{where} has a {g.dtype} gradient for a {p.dtype} parameter")
         if g.shape != p.shape:
