@@ -1,12 +1,15 @@
-"""fastopt: fused, single-pass optimizer update rules over flat float32/float64 buffers.
+"""fastopt: fused, single-pass optimizer update rules over float32/float64 arrays.
 
     import fastopt
     opt = fastopt.Adam(param, lr=1e-3)   # param: C-contiguous float32/float64 array, any shape
     opt.step(grad)                       # one fused kernel call, in place
+    opt = fastopt.Adam([w1, b1, w2, b2]) # or a list of arrays: one call over all of them
+    opt.step([g1, g2, g3, g4])
 
 Layers, top to bottom: ``fastopt.rules`` (the registry: math, names, defaults,
-checks) → ``fastopt.optimizers`` / ``fastopt.functional`` (the API) →
-``fastopt.backends`` (compiled, Numba CPU, Numba CUDA) → ``fastopt.kernels``.
+checks, the kernels' calling convention) → ``fastopt.optimizers`` /
+``fastopt.functional`` / ``fastopt.torch`` (the API) → ``fastopt.backends``
+(compiled, Numba CPU, Numba CUDA) → ``fastopt.kernels`` (the segment engine).
 """
 
 from fastopt import backends as _backends

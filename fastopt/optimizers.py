@@ -1,8 +1,9 @@
 """Optimizer classes, one per registry row: ``fastopt.Adam(param, lr=...)``.
 
-An optimizer owns one flat parameter buffer and its state. Construction and
-hyperparameter changes validate everything once; ``step(grad)`` then computes the
-per-step scalars and makes one kernel call, the same call the functional API makes.
+An optimizer owns one parameter array, or a list of them, and each array's state.
+Construction and hyperparameter changes validate everything once; ``step(grad)``
+then computes the per-step scalars and makes one kernel call over every array (one
+per dtype in a mixed list): the segment engine, bound once to the arrays.
 """
 
 from __future__ import annotations
@@ -381,7 +382,9 @@ def _make_class(rule: Rule):
              "Parameters", "----------",
              "param : C-contiguous float32/float64 array of any shape, buffer, CPU tensor,",
              "    or FlatParams; updated in place through its flat view by step(grad),",
-             "    where grad has param's size (any shape). State buffers are flat."]
+             "    where grad has param's size (any shape). State buffers are flat.",
+             "    Or a list of such arrays: step([grad, ...]) updates them all in one",
+             "    call, each with its own state (state[i])."]
     for h in rule.hypers:
         lines.append(f"{h.name} : default {h.default!r}" + (f" — {h.doc}" if h.doc else ""))
     lines.append("backend : None (decided at import), 'cython', 'numba' or 'cuda'.")
