@@ -1,4 +1,5 @@
-"""fastopt.torch under torch.distributed: 2 processes over gloo on 127.0.0.1.
+"""fastopt.torch under torch.distributed: 2 processes over gloo on 127.0.0.1, meeting
+through a rendezvous file (no TCP port to race for).
 
 (a) DistributedDataParallel + ZeroRedundancyOptimizer(optimizer_class=fastopt.torch.AdamW):
     each rank steps its shard of the parameters; consolidate_state_dict(to=0) and
@@ -14,7 +15,6 @@ functions), bounded by a timeout: a hang fails the test instead of stalling CI.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -87,13 +87,16 @@ def single_process(mode):
 # One rank (this file run as a script)
 # ---------------------------------------------------------------------------
 
-def rank_main(rank, world, port, mode, out):
+def rank_main(rank, world, attempt, mode, out):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     fastopt.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    # a file rendezvous: a TCP port picked free by the test could be taken by another
+    # connection before rank 0 binds it (a 60 s stall seen in full-suite runs)
+    store = os.path.join(out, f"rendezvous-{attempt}")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     try:
         model = make_model()
@@ -124,21 +127,14 @@ def rank_main(rank, world, port, mode, out):
 # The tests
 # ---------------------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_ranks(mode, tmp_path):
+def _run_ranks(mode, tmp_path, attempt):
     """(finished, outputs, return codes) of one launch of both ranks."""
-    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(fastopt.__file__))),
          os.environ.get("PYTHONPATH", "")]))
     logs = [open(tmp_path / f"rank{r}.log", "wb") for r in range(WORLD)]  # no pipe to fill
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(WORLD),
-                               str(port), mode, str(tmp_path)],
+                               str(attempt), mode, str(tmp_path)],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
              for r, log in enumerate(logs)]
     finished = True
@@ -157,13 +153,12 @@ def _run_ranks(mode, tmp_path):
 
 
 def launch(mode, tmp_path):
-    finished, outputs, codes = _run_ranks(mode, tmp_path)
+    finished, outputs, codes = _run_ranks(mode, tmp_path, 0)
     if not finished:
-        # a rendezvous on a port another process took in between can stall both
-        # ranks (seen once in a full-suite run): one more try on a fresh port; a real
-        # hang stalls it too and fails with both ranks' output
+        # one more try with a fresh rendezvous; a real hang stalls it too and fails
+        # with both ranks' output
         first = outputs
-        finished, outputs, codes = _run_ranks(mode, tmp_path)
+        finished, outputs, codes = _run_ranks(mode, tmp_path, 1)
         if not finished:
             pytest.fail(f"{mode}: the ranks did not finish within {TIMEOUT_S} s, twice:\n"
                         + "\n".join(f"rank {r}: {out[-2000:]}"
