@@ -38,6 +38,8 @@ __all__ = ["Hyper", "Buffer", "Rule", "RULES", "KERNELS", "get_rule", "kernel_ru
 
 # State buffer slots of the kernels' calling convention (param and grad come first)
 MAX_BUFFERS = 3
+# Per-step scalars a kernel may take: the engines hold a plan in a double[32]
+MAX_PLAN_FIELDS = 32
 
 
 # ---------------------------------------------------------------------------
@@ -689,6 +691,9 @@ for _r in RULES.values():
             (_first.plan_fields, tuple(b.name for b in _first.buffers)):
         raise AssertionError(f"{_r.name} and {_first.name} share kernel {_r.kernel!r} "
                              "but not its buffers and plan fields")
+    if len(_r.plan_fields) > MAX_PLAN_FIELDS:
+        raise AssertionError(f"{_r.name} has {len(_r.plan_fields)} plan fields; the "
+                             f"engines hold at most {MAX_PLAN_FIELDS}")
     if len(_r.buffers) > MAX_BUFFERS:
         raise AssertionError(f"{_r.name} has {len(_r.buffers)} state buffers; the "
                              f"kernels' calling convention has {MAX_BUFFERS} slots")

@@ -114,22 +114,9 @@ def for_array(obj, name: str | None = None):
     return load(name)
 
 
-class _Unbound:
-    """``bind`` for a backend without one: the plain kernel call."""
-
-    __slots__ = ("kernel", "param", "buffers")
-
-    def __init__(self, kernel, param, buffers):
-        self.kernel, self.param, self.buffers = kernel, param, tuple(buffers)
-
-    def step(self, grad, args, nthreads):
-        self.kernel(self.param, grad, *self.buffers, *args, nthreads)
-
-
 def bind(backend, kernel: str, param, buffers):
-    if hasattr(backend, "bind"):
-        return backend.bind(kernel, param, buffers)
-    return _Unbound(getattr(backend, kernel), param, buffers)
+    """One array and its state, checked once: ``step(grad, args, nthreads)``."""
+    return backend.bind(kernel, param, buffers)
 
 
 def bind_many(backend, kernel: str, params, buffers, labels=None):
