@@ -342,45 +342,48 @@ def _make_kernel(element, h0, h1, h2):
 if _SIM:
     import ctypes
 
-    def _load(addr, i, like):
-        t = type(like)
+    def _element(addr, i, t):
+        """Element i of the array of type t at host address addr, as a 1-element view."""
         size = np.dtype(t).itemsize
         raw = (ctypes.c_char * size).from_address(int(addr) + int(i) * size)
-        return np.frombuffer(raw, dtype=t)[0]
+        return np.frombuffer(raw, dtype=t)
+
+    def _load(addr, i, like):
+        return _element(addr, i, type(like))[0]
 
     def _store(addr, i, value):
-        size = np.dtype(type(value)).itemsize
-        raw = (ctypes.c_char * size).from_address(int(addr) + int(i) * size)
-        np.frombuffer(raw, dtype=type(value))[0] = value
+        _element(addr, i, type(value))[0] = value
 
 else:
     from numba import types as _types
     from numba.cuda.extending import intrinsic as _intrinsic
 
-    def _element_pointer(context, builder, addr, index, ty):
-        ptr = builder.inttoptr(addr, context.get_value_type(ty).as_pointer())
+    def _addressing(addr, i, value):
+        # the signatures both accessors accept: an integer address and index, a float
+        return (isinstance(addr, _types.Integer) and isinstance(i, _types.Integer)
+                and isinstance(value, _types.Float))
+
+    def _element_pointer(context, builder, sig, args, ty):
+        index = context.cast(builder, args[1], sig.args[1], _types.int64)
+        ptr = builder.inttoptr(args[0], context.get_value_type(ty).as_pointer())
         return builder.gep(ptr, [index])
 
     @_intrinsic
     def _load(typingctx, addr, i, like):
-        if not (isinstance(addr, _types.Integer) and isinstance(i, _types.Integer)
-                and isinstance(like, _types.Float)):
+        if not _addressing(addr, i, like):
             return None
 
         def codegen(context, builder, sig, args):
-            index = context.cast(builder, args[1], sig.args[1], _types.int64)
-            return builder.load(_element_pointer(context, builder, args[0], index, like))
+            return builder.load(_element_pointer(context, builder, sig, args, like))
         return like(addr, i, like), codegen
 
     @_intrinsic
     def _store(typingctx, addr, i, value):
-        if not (isinstance(addr, _types.Integer) and isinstance(i, _types.Integer)
-                and isinstance(value, _types.Float)):
+        if not _addressing(addr, i, value):
             return None
 
         def codegen(context, builder, sig, args):
-            index = context.cast(builder, args[1], sig.args[1], _types.int64)
-            builder.store(args[2], _element_pointer(context, builder, args[0], index, value))
+            builder.store(args[2], _element_pointer(context, builder, sig, args, value))
             return context.get_dummy_value()
         return _types.void(addr, i, value), codegen
 
