@@ -92,38 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _known(what, given, allowed):
+    """``given`` if every entry is in ``allowed``; else the CLI's error naming the rest."""
+    bad = [x for x in given if x not in allowed]
+    if bad:
+        raise SystemExit(f"fastopt bench: unknown {what} {', '.join(map(str, bad))}; "
+                         f"choose from {', '.join(allowed)}")
+    return list(given)
+
+
 def config_from_args(args):
     cfg = full_config() if args.full else quick_config()
     if args.rules == ["none"]:
         cfg.rules = []
     elif args.rules:
-        unknown = [r for r in args.rules if r not in RULES]
-        if unknown:
-            raise SystemExit(f"fastopt bench: unknown rule(s) {', '.join(unknown)}; "
-                             f"choose from {', '.join(RULES)}")
-        cfg.rules = args.rules
+        cfg.rules = _known("rule(s)", args.rules, list(RULES))
     if args.dtypes:
-        bad = [d for d in args.dtypes if d not in ("float32", "float64")]
-        if bad:
-            raise SystemExit(f"fastopt bench: dtypes are float32, float64; got {bad}")
-        cfg.dtypes = args.dtypes
+        cfg.dtypes = _known("dtype(s)", args.dtypes, ["float32", "float64"])
     if args.sizes:
         cfg.sizes = args.sizes
     if args.threads:
         cfg.threads = args.threads
     if args.peers:
-        bad = [x for x in args.peers if x not in PEERS]
-        if bad:
-            raise SystemExit(f"fastopt bench: unknown peer(s) {bad}; choose from "
-                             f"{', '.join(PEERS)}")
-        cfg.peers = args.peers
+        cfg.peers = _known("peer(s)", args.peers, list(PEERS))
     if args.scenarios:
-        sc = [] if args.scenarios == ["none"] else args.scenarios
-        bad = [x for x in sc if x not in SCENARIOS]
-        if bad:
-            raise SystemExit(f"fastopt bench: unknown scenario(s) {bad}; choose from "
-                             f"{', '.join(SCENARIOS)}")
-        cfg.scenarios = sc
+        cfg.scenarios = _known("scenario(s)", [] if args.scenarios == ["none"]
+                               else args.scenarios, list(SCENARIOS))
     if args.repeats:
         cfg.repeats = args.repeats
     if args.warmup is not None:
