@@ -1,0 +1,344 @@
+"""Low-precision storage on the Numba backends (issue 14): the staged path of
+numba_cpu and numba_cuda (simulator) against a NumPy model of the spec
+(/work/notes/lowp-spec.md) whose float32 arithmetic is the compiled backend's
+plain float32 kernel; bitwise, on odd lengths, several segments, 1 and 2 threads."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cases import kernel_paths
+from fastopt import backends
+from fastopt.backends import _numba_math as M
+from fastopt.backends import _segments as S
+from fastopt.rules import KERNELS, RULES, kernel_rule
+
+BF16 = ml_dtypes.bfloat16
+F16, F32, F64, U8 = np.float16, np.float32, np.float64, np.uint8
+BLK = 256
+CODE = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3, "q8": 4}
+STORAGE = {"float32": F32, "float16": F16, "bfloat16": BF16, "q8": U8}
+
+
+# ---------------------------------------------------------------------------
+# The spec in NumPy
+# ---------------------------------------------------------------------------
+
+def qmap(signed):
+    if signed:
+        k = np.arange(256, dtype=np.float64) - 128.0
+        q = np.sign(k) * (np.abs(k) / 127.0) ** 3
+        q = np.clip(q, -1, 1)
+    else:
+        q = (np.arange(256, dtype=np.float64) / 255.0) ** 2
+    return np.ascontiguousarray(np.sort(q).astype(F32))
+
+
+def bf16_bits(x):
+    u = np.asarray(x, F32).view(np.uint32).astype(np.uint64)
+    out = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    out[np.isnan(x)] = 0x7FC0
+    return out
+
+
+def to_storage(x, name):
+    if name == "float32":
+        return x.astype(F32)
+    if name == "bfloat16":
+        return bf16_bits(x).view(BF16)
+    if name == "float16":
+        return x.astype(F16)
+    raise ValueError(name)
+
+
+def to_f32(a, name, absmax=None, q=None):
+    if name == "q8":
+        scale = np.repeat(absmax, BLK)[:a.size]
+        return (q[a] * scale).astype(F32)
+    if name == "bfloat16":
+        return (a.view(np.uint16).astype(np.uint32) << 16).view(F32)
+    return a.astype(F32)
+
+
+def quantize(x, q):
+    """codes and absmax of float32 x (spec: block absmax, bucketize on midpoints)."""
+    bounds = ((q[:-1] + q[1:]) / F32(2)).astype(F32)
+    codes = np.empty(x.size, U8)
+    am = np.empty((x.size + BLK - 1) // BLK, F32)
+    for b in range(am.size):
+        blk = x[b * BLK:(b + 1) * BLK]
+        a = np.max(np.abs(blk)) if blk.size else F32(0)
+        if np.isnan(a):
+            a = F32(np.nan)
+        inv = F32(1) / a if a > 0 else F32(0)
+        with np.errstate(invalid="ignore"):
+            y = np.clip(blk * inv, F32(-1), F32(1)).astype(F32)
+        c = np.searchsorted(bounds, y, side="left")
+        c[np.isnan(y)] = 0
+        codes[b * BLK:(b + 1) * BLK] = c
+        am[b] = a
+    return codes, am
+
+
+def sr_bits_np(key, s, n):
+    m = lambda x: M.mix32(x)  # noqa: E731
+    ks = m(key ^ m((s + 0x9E3779B9) & 0xFFFFFFFF))
+    return np.array([m(ks ^ ((i * 0x85EBCA6B) & 0xFFFFFFFF)) & 0xFFFF for i in range(n)],
+                    np.uint64)
+
+
+# ---------------------------------------------------------------------------
+# A problem: segments of storage arrays per slot, and the reference step
+# ---------------------------------------------------------------------------
+
+def hp_for(kernel):
+    """A rule of ``kernel`` and the flag set using the most state buffers."""
+    rule = kernel_rule(kernel)
+    paths = kernel_paths(rule.name)
+    return rule, max(paths, key=lambda hp: len(rule.needed_buffers(hp)))
+
+
+class Problem:
+    def __init__(self, kernel, sizes, types, seed=0, t=2):
+        """types: names for (param, grad, state...) (absent state: None)."""
+        self.kernel, self.sizes, self.types = kernel, sizes, types
+        self.rule, self.hp = hp_for(kernel)
+        names = self.rule.arg_names
+        need = self.rule.needed_buffers(self.hp)
+        self.present = [b in need for b in names[2:]]
+        self.args, _ = self.rule.plan(self.hp, t, self.rule.initial_scalars(self.hp), False)
+        rng = np.random.default_rng(seed)
+        self.maps = [None, None] + [qmap(j != 1 or kernel != "adam") for j in range(3)]
+        if kernel in ("rmsprop", "adagrad"):
+            self.maps[2] = qmap(False)
+        self.data = []   # per segment: list per slot of (storage, absmax or None) or None
+        for n in sizes:
+            row = []
+            for slot, name in enumerate(types):
+                if slot >= 2 and not self.present[slot - 2]:
+                    row.append(None)
+                    continue
+                x = rng.standard_normal(n) * np.exp(rng.uniform(-3, 1, n))
+                if slot >= 2:
+                    x = np.abs(x) + 0.01  # second moments, step sizes: positive
+                x = x.astype(F32)
+                if name == "q8":
+                    codes, am = quantize(x, self.maps[slot])
+                    row.append((codes, am))
+                else:
+                    row.append((to_storage(x, name), None))
+            self.data.append(row)
+
+    def copy(self):
+        other = object.__new__(Problem)
+        other.__dict__.update(self.__dict__)
+        other.data = [[None if c is None else (c[0].copy(), None if c[1] is None
+                                                else c[1].copy()) for c in row]
+                      for row in self.data]
+        return other
+
+    def reference(self, copy_name=None, sr_key=None):
+        """Step self.data in place as the spec says; returns the copies."""
+        ref = backends.load("cython")
+        copies = []
+        for s, row in enumerate(self.data):
+            n = self.sizes[s]
+            f = [None if c is None else to_f32(c[0], self.types[k], c[1], self.maps[k])
+                 for k, c in enumerate(row)]
+            f = [None if a is None else np.ascontiguousarray(a) for a in f]
+            if n:
+                ptrs = np.array([[0 if a is None else a.ctypes.data for a in f]],
+                                dtype=np.uintp)
+                ref.run_segments(self.kernel, np.dtype(F32), ptrs,
+                                 np.array([n], np.intp), self.args, 1)
+            for k, c in enumerate(row):
+                if c is None or k == 1:
+                    continue
+                name = self.types[k]
+                if k == 0 and sr_key is not None:
+                    u = f[0].view(np.uint32).astype(np.uint64)
+                    bits = ((u + sr_bits_np(sr_key, s, n)) >> 16).astype(np.uint16)
+                    bits[np.isnan(f[0])] = 0x7FC0
+                    c[0][...] = bits.view(BF16)
+                elif name == "q8":
+                    codes, am = quantize(f[k], self.maps[k])
+                    c[0][...] = codes
+                    c[1][...] = am
+                else:
+                    c[0][...] = to_storage(f[k], name)
+            if copy_name is not None:
+                copies.append(to_storage(f[0], copy_name))
+        return copies
+
+    # -- what a backend is given ------------------------------------------------
+    def arrays(self, asarray=np.ascontiguousarray):
+        params = [asarray(row[0][0]) for row in self.data]
+        grads = [asarray(row[1][0]) for row in self.data]
+        bufs = [tuple(None if c is None else asarray(c[0]) for c in row[2:])
+                for row in self.data]
+        absmax = [tuple(None if c is None or c[1] is None else asarray(c[1])
+                        for c in row[2:]) for row in self.data]
+        return params, grads, bufs, absmax
+
+    def qmaps(self):
+        return tuple(self.maps[k] if self.types[k] == "q8" else None
+                     for k in range(len(self.types)))
+
+    def segments(self):
+        """run_segments' arguments over the problem's own arrays."""
+        ptrs = np.array([[0 if c is None else c[0].ctypes.data for c in row]
+                         for row in self.data], dtype=np.uintp)
+        absmax = np.array([[0 if c is None or c[1] is None else c[1].ctypes.data
+                            for c in row] for row in self.data], dtype=np.uintp)
+        dtype = tuple(STORAGE.get(t, F32) if t != "q8" else "q8" for t in self.types)
+        return ptrs, np.array(self.sizes, np.intp), dtype, absmax
+
+
+def same(a, b, what=""):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    ua, ub = a.view(np.uint8), b.view(np.uint8)
+    if not np.array_equal(ua, ub):
+        bad = np.nonzero(a.view(np.uint8) != b.view(np.uint8))[0]
+        raise AssertionError(f"{what}: {bad.size} bytes differ, first at byte {bad[0]}: "
+                             f"{a.reshape(-1)[bad[0] // a.itemsize]!r} vs "
+                             f"{b.reshape(-1)[bad[0] // b.itemsize]!r}")
+
+
+def check_same(p, q, label=""):
+    for s, (ra, rb) in enumerate(zip(p.data, q.data)):
+        for k, (ca, cb) in enumerate(zip(ra, rb)):
+            if ca is None:
+                continue
+            same(ca[0], cb[0], f"{label} segment {s} {p.rule.arg_names[k]}")
+            if ca[1] is not None:
+                same(ca[1], cb[1], f"{label} segment {s} absmax of {p.rule.arg_names[k]}")
+
+
+def state_types(kernel, name):
+    n = len(kernel_rule(kernel).buffers)
+    return (name,) * n
+
+
+SIZES = [7, 0, 1031, 256, 513]
+
+
+def run_bound(be, prob, copy_name=None, sr_key=None, nthreads=1, asarray=np.ascontiguousarray):
+    """Step prob with be.bind_many (arrays are the problem's own on the CPU)."""
+    params, grads, bufs, absmax = prob.arrays(asarray)
+    q8 = any(t == "q8" for t in prob.types)
+    bound = be.bind_many(prob.kernel, params, bufs,
+                         grad_dtype=STORAGE[prob.types[1]],
+                         absmax=absmax if q8 else None,
+                         qmaps=prob.qmaps()[2:] if q8 else None)
+    copies = None
+    if copy_name is not None:
+        copies = [asarray(np.zeros(n, STORAGE[copy_name])) for n in prob.sizes]
+    bound.step(grads, prob.args, nthreads, copies=copies, sr_key=sr_key)
+    return bound, params, bufs, absmax, copies
+
+
+TYPESETS = {
+    "bf16": lambda k: ("bfloat16", "bfloat16") + state_types(k, "bfloat16"),
+    "f16": lambda k: ("float16", "float16") + state_types(k, "float16"),
+    "f32+bf16grad": lambda k: ("float32", "bfloat16") + state_types(k, "float32"),
+    "f32+f16grad": lambda k: ("float32", "float16") + state_types(k, "float32"),
+}
+COPY = {"bf16": None, "f16": "float32", "f32+bf16grad": "bfloat16",
+        "f32+f16grad": "float16"}
+Q8_KERNELS = ("adam", "sgd", "rmsprop", "adagrad", "lion")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cpu_staged_every_kernel(kernel):
+    """Every rule's kernel: bf16 and f16 params and state, f32 params with bf16 / f16
+    gradients and a copy out; run_segments and bind_many both."""
+    cpu = backends.load("numba")
+    for name, types in TYPESETS.items():
+        prob = Problem(kernel, SIZES, types(kernel))
+        want = prob.copy()
+        copies_ref = want.reference(COPY[name])
+        # bind_many
+        got = prob.copy()
+        _, _, _, _, copies = run_bound(cpu, got, COPY[name])
+        check_same(want, got, f"{kernel} {name} bind_many")
+        for s, (a, b) in enumerate(zip(copies_ref, copies or [])):
+            same(a, b, f"{kernel} {name} copy[{s}]")
+        # run_segments over the same storage
+        got = prob.copy()
+        ptrs, lengths, dtype, _ = got.segments()
+        kw = {}
+        if COPY[name] is not None:
+            outs = [np.zeros(n, STORAGE[COPY[name]]) for n in prob.sizes]
+            kw = dict(copy=np.array([o.ctypes.data for o in outs], np.uintp),
+                      copy_dtype=STORAGE[COPY[name]])
+        cpu.run_segments(kernel, dtype, ptrs, lengths, prob.args, 1, **kw)
+        check_same(want, got, f"{kernel} {name} run_segments")
+        if kw:
+            for s, (a, b) in enumerate(zip(copies_ref, outs)):
+                same(a, b, f"{kernel} {name} run_segments copy[{s}]")
+
+
+@pytest.mark.parametrize("kernel", Q8_KERNELS)
+def test_cpu_q8_state(kernel):
+    cpu = backends.load("numba")
+    for ptype in ("float32", "bfloat16"):
+        prob = Problem(kernel, SIZES, (ptype, "float32") + state_types(kernel, "q8"))
+        want = prob.copy()
+        want.reference()
+        got = prob.copy()
+        run_bound(cpu, got)
+        check_same(want, got, f"{kernel} q8 {ptype}")
+        got = prob.copy()
+        ptrs, lengths, dtype, absmax = got.segments()
+        cpu.run_segments(kernel, dtype, ptrs, lengths, prob.args, 1, absmax=absmax,
+                         qmaps=prob.qmaps())
+        check_same(want, got, f"{kernel} q8 {ptype} run_segments")
+
+
+BIG = [40000 + 7, 1031, 0, 33000]
+
+
+@pytest.mark.parametrize("kernel", ["adam", "sgd"])
+def test_cpu_threads(kernel):
+    """Two threads (parts cut inside segments at multiples of 256) give one thread's
+    bits, for bf16, f16 with a copy, and q8 state."""
+    cpu = backends.load("numba")
+    sets = [("bfloat16", "bfloat16") + state_types(kernel, "bfloat16"),
+            ("float32", "float16") + state_types(kernel, "float16"),
+            ("bfloat16", "float32") + state_types(kernel, "q8")]
+    for types in sets:
+        prob = Problem(kernel, BIG, types)
+        want = prob.copy()
+        cref = want.reference("bfloat16")
+        for nthreads in (1, 2):
+            got = prob.copy()
+            _, _, _, _, copies = run_bound(cpu, got, "bfloat16", nthreads=nthreads)
+            check_same(want, got, f"{types} threads={nthreads}")
+            for a, b in zip(cref, copies):
+                same(a, b, "copy")
+
+
+def test_cpu_stochastic_rounding():
+    """SR of a bf16 param: the spec's hash, the same on 1 and 2 threads, reproducible,
+    and different keys give different bits."""
+    cpu = backends.load("numba")
+    types = ("bfloat16", "bfloat16") + state_types("adam", "float32")
+    prob = Problem("adam", BIG, types)
+    key = M.sr_call_key(1234, 7)
+    want = prob.copy()
+    want.reference(sr_key=key)
+    outs = []
+    for nthreads in (1, 2, 2):
+        got = prob.copy()
+        run_bound(cpu, got, sr_key=key, nthreads=nthreads)
+        check_same(want, got, f"SR threads={nthreads}")
+        outs.append(got)
+    other = prob.copy()
+    run_bound(cpu, other, sr_key=key ^ 1)
+    assert not np.array_equal(other.data[0][0][0].view(np.uint16),
+                              want.data[0][0][0].view(np.uint16))
+    nearest = prob.copy()
+    nearest.reference()
+    assert not np.array_equal(nearest.data[0][0][0].view(np.uint16),
+                              want.data[0][0][0].view(np.uint16))
