@@ -441,3 +441,162 @@ def test_staged_kernels_lower_for_sm90():
     for r in rows:
         assert r["fmul"] == 0 and r["mul_rn"] == ["__nv_fmul_rn"], r
         assert r["barrier"] and r["double"] == 0, r
+
+
+# ---------------------------------------------------------------------------
+# Conversions, errors, grid sizes
+# ---------------------------------------------------------------------------
+
+def test_conversions_match_numpy_and_torch():
+    """f16 both ways (every binary16 value; random and halfway float32 values,
+    subnormals, overflow) against NumPy, bf16 against torch's rounding; compiled
+    (Numba CPU) and plain Python (the simulator's) bodies alike."""
+    import numba
+    import warnings
+
+    @numba.njit
+    def conv(xs, hs, o16, obf, o32, obf32):
+        for i in range(xs.size):
+            o16[i] = M.f32_to_f16(xs[i])
+            obf[i] = M.f32_to_bf16(xs[i])
+        for i in range(hs.size):
+            o32[i] = M.f16_to_f32(hs[i])
+            obf32[i] = M.bf16_to_f32(hs[i])
+
+    hs = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    finite = hs.view(F16).astype(F32)
+    finite = finite[np.isfinite(finite)].view(np.uint32).astype(np.int64)
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 2 ** 32, 2_000_000, dtype=np.uint64),
+             finite + (1 << 12) - 1, finite + (1 << 12), finite + (1 << 12) + 1,
+             np.arange(0x33000000 - 4, 0x38800004, 97),          # subnormal range
+             np.arange(0x477FE000 - 8, 0x47800008, 1)]           # up to overflow
+    u = np.concatenate([np.asarray(p, np.int64) for p in parts]) & 0xFFFFFFFF
+    u = u.astype(np.uint32)
+    xs = u.view(F32)
+    o16, obf = np.empty(xs.size, np.uint16), np.empty(xs.size, np.uint16)
+    o32, obf32 = np.empty(65536, F32), np.empty(65536, F32)
+    conv(xs, hs, o16, obf, o32, obf32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref16 = xs.astype(F16).view(np.uint16)
+    nan = np.isnan(xs)
+    # NumPy keeps a signalling NaN's payload bits as they are; the spec's (C's) cast
+    # quiets it: compare NaNs as NaNs with the top payload bits
+    same(o16[~nan], ref16[~nan], "f32->f16")
+    assert np.isnan(o16[nan].view(F16)).all()
+    same(o32.view(np.uint32), hs.view(F16).astype(F32).view(np.uint32), "f16->f32")
+    same(obf32.view(np.uint32), hs.astype(np.uint32) << 16, "bf16->f32")
+    import torch
+    tb = torch.from_numpy(xs).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    same(obf[~nan], tb[~nan], "f32->bf16")
+    assert (obf[nan] == 0x7FC0).all()
+    # the Python bodies (what the CUDA simulator runs) on a sample
+    sample = np.concatenate([xs[:2000], xs[-2000:]])
+    o16s, obfs = np.empty(sample.size, np.uint16), np.empty(sample.size, np.uint16)
+    conv(sample, hs[:0], o16s, obfs, o32[:0], obf32[:0])
+    for j, x in enumerate(sample):
+        assert M.f32_to_f16(x) == o16s[j] and M.f32_to_bf16(x) == obfs[j], x
+    for h in hs[::37]:
+        assert M.f16_to_f32(h).view(np.uint32) == o32[h].view(np.uint32)
+
+
+def test_sr_key_hash_matches_spec():
+    def mix(x):
+        x &= 0xFFFFFFFF
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    for seed, step in [(0, 0), (1, 1), (2 ** 32 - 1, 123456), (42, 2 ** 31)]:
+        assert M.sr_call_key(seed, step) == mix(seed ^ mix(step * 0x27D4EB2F))
+    ks = M.sr_segment_key(99, 3)
+    assert ks == mix(99 ^ mix(3 + 0x9E3779B9))
+    assert M.sr_bits(ks, 5) == mix(ks ^ (5 * 0x85EBCA6B)) & 0xFFFF
+
+
+@pytest.mark.parametrize("be_name", ["numba", "cuda"])
+def test_bad_inputs_write_nothing(be_name, monkeypatch):
+    be = backends.load(be_name)
+    if be_name == "cuda":
+        monkeypatch.setattr(be, "BLOCK_SIZE", 32)
+        monkeypatch.setattr(be, "MAX_BLOCKS", 2)
+    prob = Problem("adam", [300, 7], ("float32", "float32", "q8", "q8", "q8"))
+    ptrs, lengths, dtype, absmax = prob.segments()
+    before = prob.copy()
+    # float64 with anything else: TypeError naming the slot
+    mixed = (F32, F64, F32, F32, F32)
+    with pytest.raises(TypeError, match="grad"):
+        be.run_segments("adam", mixed, ptrs, lengths, prob.args, 1)
+    with pytest.raises(TypeError, match="exp_avg"):
+        be.run_segments("adam", (F64, F64, "bfloat16", F64, F64), ptrs, lengths, prob.args,
+                        1)
+    with pytest.raises(TypeError, match="param cannot be q8"):
+        be.run_segments("adam", ("q8", F32, F32, F32, F32), ptrs, lengths, prob.args, 1)
+    # q8 without absmax, without maps, with a null absmax, an unsorted map
+    with pytest.raises(ValueError, match="absmax"):
+        be.run_segments("adam", dtype, ptrs, lengths, prob.args, 1, qmaps=prob.qmaps())
+    with pytest.raises(ValueError, match="qmaps"):
+        be.run_segments("adam", dtype, ptrs, lengths, prob.args, 1, absmax=absmax)
+    bad = absmax.copy()
+    bad[1, 3] = 0
+    with pytest.raises(ValueError, match="null"):
+        be.run_segments("adam", dtype, ptrs, lengths, prob.args, 1, absmax=bad,
+                        qmaps=prob.qmaps())
+    maps = list(prob.qmaps())
+    maps[2] = maps[2][::-1].copy()
+    with pytest.raises(ValueError, match="sorted"):
+        be.run_segments("adam", dtype, ptrs, lengths, prob.args, 1, absmax=absmax,
+                        qmaps=tuple(maps))
+    maps[2] = maps[3].astype(F64)
+    with pytest.raises(TypeError, match="float32"):
+        be.run_segments("adam", dtype, ptrs, lengths, prob.args, 1, absmax=absmax,
+                        qmaps=tuple(maps))
+    # SR of a float32 param
+    with pytest.raises(TypeError, match="bfloat16"):
+        be.run_segments("adam", dtype, ptrs, lengths, prob.args, 1, absmax=absmax,
+                        qmaps=prob.qmaps(), sr_key=5)
+    check_same(before, prob, "after refused calls")
+    # bind_many: a wrong absmax length, a missing absmax, a column of two types
+    asarray = np.ascontiguousarray
+    if be_name == "cuda":
+        from numba import cuda
+        asarray = cuda.to_device
+    params, grads, bufs, am = prob.arrays(asarray)
+    short = [tuple(asarray(np.zeros(1, F32)) for _ in row) for row in am]
+    with pytest.raises(ValueError, match="absmax"):
+        be.bind_many("adam", params, bufs, absmax=short, qmaps=prob.qmaps()[2:])
+    with pytest.raises(ValueError, match="absmax"):
+        be.bind_many("adam", params, bufs, qmaps=prob.qmaps()[2:])
+    two = list(bufs)
+    two[1] = (asarray(np.zeros(7, BF16)),) + tuple(bufs[1][1:])
+    with pytest.raises(TypeError, match="one column has one type"):
+        be.bind_many("adam", params, two, absmax=am, qmaps=prob.qmaps()[2:])
+    # a bound step with a gradient of the wrong type writes nothing
+    bound = be.bind_many("adam", params, bufs, absmax=am, qmaps=prob.qmaps()[2:])
+    wrong = [asarray(np.zeros(n, BF16)) for n in prob.sizes]
+    with pytest.raises(TypeError, match="grad"):
+        bound.step(wrong, prob.args, 1)
+    with pytest.raises(TypeError, match="bfloat16"):
+        bound.step(grads, prob.args, 1, sr_key=3)
+    host = (lambda a: a.copy_to_host()) if be_name == "cuda" else np.asarray
+    for s in range(2):
+        same(host(params[s]), before.data[s][0][0], "param after refused steps")
+        for j in range(3):
+            same(host(bufs[s][j]), before.data[s][2 + j][0], "state after refused steps")
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_cuda_grid_size_does_not_matter(monkeypatch, blocks):
+    be = backends.load("cuda")
+    monkeypatch.setattr(be, "BLOCK_SIZE", 64)
+    monkeypatch.setattr(be, "MAX_BLOCKS", blocks)
+    prob = Problem("sgd", SMALL, ("bfloat16", "float16", "q8"))
+    want = prob.copy()
+    cref = want.reference("float16", 11)
+    got = prob.copy()
+    copies = _cuda_step(be, got, "float16", 11)
+    check_same(want, got, f"grid {blocks}")
+    for a, b in zip(cref, copies):
+        same(a, b, "copy")
