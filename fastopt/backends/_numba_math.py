@@ -550,13 +550,16 @@ def f32_to_bf16_sr(x, r):
 
 @register_jitable
 def f16_to_f32(h):
-    # exact widening of IEEE binary16 (subnormals, inf, NaN with its payload)
+    # exact widening of IEEE binary16 (subnormals, inf; a NaN keeps its payload and
+    # is quiet, as F16C's vcvtph2ps and C's (float) of a _Float16 make it)
     h = int(h) & 0xFFFF
     sign = (h & 0x8000) << 16
     e = (h >> 10) & 0x1F
     m = h & 0x3FF
     if e == 0x1F:
-        return bits_f32(sign | 0x7F800000 | (m << 13))
+        if m != 0:
+            return bits_f32(sign | 0x7FC00000 | (m << 13))
+        return bits_f32(sign | 0x7F800000)
     if e == 0:
         if m == 0:
             return bits_f32(sign)
@@ -650,3 +653,9 @@ def q8_bounds(qmap):
     the sum rounded to float32, then halved."""
     q = np.asarray(qmap, dtype=np.float32)
     return ((q[:-1] + q[1:]) / np.float32(2)).astype(np.float32)
+
+
+@register_jitable
+def abs_bits(x):
+    """|x|'s bits: they order as |x| does, and a NaN's are above every number's."""
+    return f32_bits(x) & 0x7FFFFFFF

@@ -257,11 +257,39 @@ def qmap_tables(qmaps, codes, present, names):
             raise TypeError(f"qmaps[{k}] ({names[k]}) must be a float32 NumPy array of 256 "
                             f"values, got {getattr(q, 'dtype', type(q).__name__)} "
                             f"{getattr(q, 'shape', '')}")
-        if not np.isfinite(q).all() or (np.diff(q) < 0).any():
-            raise ValueError(f"qmaps[{k}] ({names[k]}) must be finite and sorted ascending")
+        if not (np.abs(q) <= 1).all() or (np.diff(q) < 0).any():
+            raise ValueError(f"qmaps[{k}] ({names[k]}): an 8-bit map must be 256 float32 "
+                             "values in [-1, 1], sorted ascending")
         maps[k] = q
-        bounds[k] = ((q[:-1] + q[1:]) / np.float32(2)).astype(np.float32)
+        bounds[k] = _q8_bounds_checked(q, f"qmaps[{k}] ({names[k]})")
     return maps, bounds
+
+
+_Q8_CHECKED: dict = {}
+
+
+def _q8_bounds_checked(q, label):
+    """The map's 255 midpoints, after the compiled engine's check that no bf16-wide
+    bucket of float32 values holds two of them (its lookup table would not be exact
+    there, so every backend refuses such a map alike)."""
+    key = q.tobytes()
+    hit = _Q8_CHECKED.get(key)
+    if hit is not None:
+        return hit
+    bounds = ((q[:-1] + q[1:]) / np.float32(2)).astype(np.float32)
+    u = np.arange(65536, dtype=np.uint32)
+    lo, hi = (u << 16).view(np.float32), ((u << 16) | 0xFFFF).view(np.float32)
+    neg = (u & 0x8000) != 0
+    vmin, vmax = np.where(neg, hi, lo), np.where(neg, lo, hi)
+    inside = (np.searchsorted(bounds, vmax, side="left")
+              - np.searchsorted(bounds, vmin, side="left"))
+    special = (u & 0x7F80) == 0x7F80
+    if np.any(inside[~special] > 1):
+        raise ValueError(f"{label}: this 8-bit map is too fine for the kernels' lookup "
+                         "(two midpoints within one bf16 step)")
+    if len(_Q8_CHECKED) < 64:
+        _Q8_CHECKED[key] = bounds
+    return bounds
 
 
 def staged_table(ptrs, lengths, names, codes, absmax, copy, copy_code, check=True):

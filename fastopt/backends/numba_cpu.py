@@ -262,9 +262,8 @@ class Bound:
         _execute(self.kernel, self.dtype, self.present, self.P, self.starts, args, nthreads)
 
     def step(self, grads, args, nthreads, copies=None, sr_key=None):
-        if copies is not None or sr_key is not None:
-            # a copy out (or a refusal of sr_key for a param that is not bf16): the
-            # staged path over the same arrays
+        if copies is not None:
+            # a copy out: the staged path over the same arrays (sr_key: no bf16 here)
             staged = StagedBound(self.kernel, self._params(), self._buffers(), self.single,
                                  self.labels, None, None, None)
             staged.step(grads, args, nthreads, copies, sr_key)
@@ -319,9 +318,9 @@ def run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check=True, *,
     codes = S.slot_codes(dtype, names)
     ct = None if copy is None else S.type_code(
         np.float32 if copy_dtype is None else copy_dtype, "copy_dtype")
-    sr = sr_key is not None
-    if sr and not 0 <= int(sr_key) < 2 ** 32:
-        raise ValueError(f"sr_key must be in [0, 2**32), got {sr_key}")
+    # as the compiled engine: sr_key rounds a bf16 param, is ignored otherwise, and is
+    # taken mod 2**32
+    sr = sr_key is not None and codes[0] == S.T_BF16
     present = S.table_of(ptrs, lengths, names, 1, False)[2]
     S.check_codes(codes, present, names, ct, sr)
     if S.is_uniform(codes, present, ct, sr):
@@ -336,7 +335,7 @@ def run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check=True, *,
     if starts[-1] > 0:
         _execute_staged(kernel, S.effective_codes(codes, present),
                         -1 if ct is None else ct, sr, present, table, am, Q, B, cp, starts,
-                        tuple(args), nthreads, sr_key or 0)
+                        tuple(args), nthreads, int(sr_key or 0) & 0xFFFFFFFF)
 
 
 def _call(kernel, nbuf, param, grad, *rest):
@@ -430,11 +429,10 @@ def _st(t, addr, i, x):
 def _q8_store(addr, aaddr, blk, base, x, m, bounds):
     """The block's new values x[0..m) as q8 codes at addr[base..base+m) and its absmax
     at aaddr[blk]."""
-    am = np.float32(0)
+    top = 0
     for t in range(m):
-        am = M._max(am, abs(x[t]))
-    if am != am:
-        am = M.bits_f32(0x7FC00000)    # one NaN, whichever element had which
+        top = max(top, M.abs_bits(x[t]))
+    am = M.bits_f32(top)   # max |x| (the compiled engine's: a NaN's bits are above all)
     inv = M.q8_scale(am)
     for t in range(m):
         _store(addr, base + t, M.q8_code(M.q8_clamp(M._mul(x[t], inv)), bounds))
@@ -711,11 +709,7 @@ class StagedBound:
         if not self.ready:
             raise RuntimeError("run() without a successful prepare()")
         self.ready = False
-        sr = sr_key is not None
-        if sr:
-            S.check_codes(self.codes, self.present, self.names, self.copy_code, sr)
-            if not 0 <= int(sr_key) < 2 ** 32:
-                raise ValueError(f"sr_key must be in [0, 2**32), got {sr_key}")
+        sr = sr_key is not None and self.codes[0] == S.T_BF16
         ct = self.copy_code
         if self.starts[-1] == 0:
             return
@@ -725,10 +719,9 @@ class StagedBound:
             return
         _execute_staged(self.kernel, S.effective_codes(self.codes, self.present),
                         -1 if ct is None else ct, sr, self.present, self.P, self.A, self.Q,
-                        self.B, self.copy, self.starts, tuple(args), nthreads, sr_key or 0)
+                        self.B, self.copy, self.starts, tuple(args), nthreads,
+                        int(sr_key or 0) & 0xFFFFFFFF)
 
     def step(self, grads, args, nthreads, copies=None, sr_key=None):
-        if sr_key is not None:
-            S.check_codes(self.codes, self.present, self.names, None, True)
         self.prepare(grads, copies)
         self.run(args, nthreads, sr_key)

@@ -791,9 +791,8 @@ class SegmentBound:
         self.dispatcher[self.grid, BLOCK_SIZE, self.stream](self.d_table, self.d_starts, k)
 
     def step(self, grads, args, nthreads, copies=None, sr_key=None):
-        if copies is not None or sr_key is not None:
-            # a copy out (or a refusal of sr_key for a param that is not bf16): the
-            # staged path over the same arrays
+        if copies is not None:
+            # a copy out: the staged path over the same arrays (sr_key: no bf16 here)
             StagedSegmentBound(self.kernel, *self.source).step(grads, args, nthreads,
                                                                 copies, sr_key)
             return
@@ -888,20 +887,23 @@ def _make_staged_kernel(element, h0, h1, h2, NT):
 
     @cuda.jit(device=True)
     def q8_block(addr, aaddr, blk, base, sh, c, m, B, col, red, tid):
-        part = _F32
+        # max |x| as the maximum of |x|'s bits (the compiled engine's: exact in any
+        # order, and a NaN's bits are above every number's)
+        part = 0
         for t in range(tid, m, NT):
-            part = M._max(part, abs(sh[c, t]))
+            a = M.abs_bits(sh[c, t])
+            part = a if a > part else part
         red[tid] = part
         cuda.syncthreads()
         step = 1
         while step < NT:
             if tid % (2 * step) == 0 and tid + step < NT:
-                red[tid] = M._max(red[tid], red[tid + step])
+                a = red[tid + step]
+                if a > red[tid]:
+                    red[tid] = a
             cuda.syncthreads()
             step *= 2
-        am = red[0]
-        if am != am:
-            am = M.bits_f32(0x7FC00000)
+        am = M.bits_f32(red[0])
         inv = M.q8_scale(am)
         for t in range(tid, m, NT):
             _store(addr, base + t, M.q8_code(M.q8_clamp(M._mul(sh[c, t], inv)), B[col]))
@@ -913,7 +915,7 @@ def _make_staged_kernel(element, h0, h1, h2, NT):
     def kernel(P, A, Q, B, C, starts, bstarts, tp, ct, sr, key, k):
         digest  # noqa: B018 (kept in the closure on purpose)
         sh = cuda.shared.array((3, BLK), dtype=f32)
-        red = cuda.shared.array(NT, dtype=f32)
+        red = cuda.shared.array(NT, dtype=numba.int64)
         tid = cuda.threadIdx.x
         nseg = P.shape[0]
         t0, t1, t2, t3, t4 = tp[0], tp[1], tp[2], tp[3], tp[4]
@@ -1019,9 +1021,7 @@ def run_segments(kernel, dtype, ptrs, lengths, args, nthreads=1, check=True, *,
     codes = S.slot_codes(dtype, names)
     ct = None if copy is None else S.type_code(
         np.float32 if copy_dtype is None else copy_dtype, "copy_dtype")
-    sr = sr_key is not None
-    if sr and not 0 <= int(sr_key) < 2 ** 32:
-        raise ValueError(f"sr_key must be in [0, 2**32), got {sr_key}")
+    sr = sr_key is not None and codes[0] == S.T_BF16   # as numba_cpu.run_segments
     present = S.table_of(ptrs, lengths, names, 1, False)[2]
     S.check_codes(codes, present, names, ct, sr)
     if S.is_uniform(codes, present, ct, sr):
@@ -1205,7 +1205,7 @@ class StagedSegmentBound:
         if not self.ready:
             raise RuntimeError("run() without a successful prepare()")
         self.ready = False
-        sr = sr_key is not None
+        sr = sr_key is not None and self.codes[0] == S.T_BF16
         ct = self.copy_code
         if S.is_uniform(self.codes, self.present, ct, sr):
             dt = np.dtype(np.float32 if self.codes[0] == S.T_F32 else np.float64)
@@ -1221,10 +1221,6 @@ class StagedSegmentBound:
                        self.am, self.Q, self.B, self.copy, self.starts, args, self.stream)
 
     def step(self, grads, args, nthreads, copies=None, sr_key=None):
-        if sr_key is not None:
-            S.check_codes(self.codes, self.present, self.names, None, True)
-            if not 0 <= int(sr_key) < 2 ** 32:
-                raise ValueError(f"sr_key must be in [0, 2**32), got {sr_key}")
         self.prepare(grads, copies)
         self.run(args, nthreads, sr_key)
 
