@@ -741,3 +741,48 @@ def test_subnormal_absmax_follows_the_spec(ieee_compiled):
     if not np.array_equal(out["cython"], want):
         pytest.xfail("compiled engine: +inf scaled value gets code 1, not 255 "
                      f"(codes {np.unique(out['cython'])})")
+
+
+@pytest.mark.parametrize("be_name", ["numba", "cuda"])
+def test_bind_and_protocol(ieee_compiled, be_name, monkeypatch):
+    """bind (one array) with storage keywords, prepare(grads, copies, sr_key) then
+    run(args, nthreads), and a float32 binding asked for a copy: the compiled bits."""
+    be = backends.load(be_name)
+    asarray = np.ascontiguousarray
+    host = lambda a: a.copy_to_host() if hasattr(a, "copy_to_host") else a  # noqa: E731
+    if be_name == "cuda":
+        from numba import cuda
+        monkeypatch.setattr(be, "BLOCK_SIZE", 32)
+        monkeypatch.setattr(be, "MAX_BLOCKS", 2)
+        asarray = cuda.to_device
+    prob = Problem("adam", [300], ("bfloat16", "float32", "q8", "bfloat16", "q8"))
+    (p,), (g,), (bufs,), (am,) = prob.arrays()
+    maps = prob.qmaps()[2:]
+    outs = {}
+    for name, mod, conv in (("cython", ieee_compiled, np.ascontiguousarray),
+                            (be_name, be, asarray)):
+        pp, bb, aa = conv(p.copy()), tuple(conv(b.copy()) for b in bufs), tuple(
+            None if a is None else conv(a.copy()) for a in am)
+        copy = conv(np.zeros(300, F16))
+        bound = mod.bind("adam", pp, bb, grad_dtype=F32, absmax=aa, qmaps=maps)
+        bound.prepare(conv(g), copy, 7)
+        bound.run(prob.args, 1)
+        outs[name] = [host(x) for x in (pp, copy, *bb, *(a for a in aa if a is not None))]
+    for a, b in zip(outs["cython"], outs[be_name]):
+        same(a, b, f"{be_name} bind")
+    # float32 throughout, asked for a bf16 copy through prepare/run and step
+    prob = Problem("sgd", [300, 7], ("float32",) * 3)
+    params, grads, bufs, _ = prob.arrays()
+    outs = {}
+    for name, mod, conv in (("cython", ieee_compiled, np.ascontiguousarray),
+                            (be_name, be, asarray)):
+        pp = [conv(x.copy()) for x in params]
+        bb = [tuple(conv(x.copy()) for x in row) for row in bufs]
+        copies = [conv(np.zeros(n, BF16)) for n in prob.sizes]
+        bound = mod.bind_many("sgd", pp, bb)
+        bound.prepare([conv(x) for x in grads], copies, None)
+        bound.run(prob.args, 1)
+        bound.step([conv(x) for x in grads], prob.args, 1, copies=copies)
+        outs[name] = [host(x) for x in (*pp, *copies, *(b for row in bb for b in row))]
+    for a, b in zip(outs["cython"], outs[be_name]):
+        same(a, b, f"{be_name} float32 with copies")

@@ -186,7 +186,7 @@ class Bound:
     nthreads)``. ``grads`` is one array (``single``) or one per param."""
 
     __slots__ = ("kernel", "names", "dtype", "present", "P", "starts", "sizes", "single",
-                 "labels", "written", "arrays", "ready")
+                 "labels", "written", "arrays", "ready", "twin", "deleg")
 
     def __init__(self, kernel, params, buffers, single=False, labels=None):
         _, _, rule, names = M.RULES[kernel]
@@ -226,6 +226,7 @@ class Bound:
         self.P, self.sizes, self.arrays = P, sizes, arrays
         self.starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
         self.ready = False
+        self.twin = self.deleg = None
 
     def _take(self, g, s):
         label = _label(self.names, 1, s, self.single, self.labels)
@@ -245,8 +246,18 @@ class Bound:
         self.written.check_read(addr, addr + g.size * self.dtype.itemsize, label)
         self.P[s, 1] = addr
 
-    def prepare(self, grads):
+    def prepare(self, grads, copies=None, sr_key=None):
         self.ready = False
+        self.deleg = None
+        if copies is not None:
+            # a copy out: the staged path over the same arrays (its twin, kept; no
+            # bf16 param here, so sr_key changes nothing)
+            if self.twin is None:
+                self.twin = StagedBound(self.kernel, self._params(), self._buffers(),
+                                        self.single, self.labels)
+            self.twin.prepare(grads, copies, sr_key)
+            self.deleg, self.ready = self.twin, True
+            return
         if self.single:
             self._take(grads, 0)
         else:
@@ -259,16 +270,14 @@ class Bound:
         if not self.ready:
             raise RuntimeError("run() without a successful prepare()")
         self.ready = False
+        if self.deleg is not None:
+            deleg, self.deleg = self.deleg, None
+            deleg.run(args, nthreads)
+            return
         _execute(self.kernel, self.dtype, self.present, self.P, self.starts, args, nthreads)
 
     def step(self, grads, args, nthreads, copies=None, sr_key=None):
-        if copies is not None:
-            # a copy out: the staged path over the same arrays (sr_key: no bf16 here)
-            staged = StagedBound(self.kernel, self._params(), self._buffers(), self.single,
-                                 self.labels, None, None, None)
-            staged.step(grads, args, nthreads, copies, sr_key)
-            return
-        self.prepare(grads)
+        self.prepare(grads, copies, sr_key)
         self.run(args, nthreads)
 
     def _params(self):
@@ -283,8 +292,14 @@ class Bound:
         return out
 
 
-def bind(kernel, param, buffers):
-    return Bound(kernel, [param], [tuple(buffers)], True)
+def bind(kernel, param, buffers, *, grad_dtype=None, absmax=None, qmaps=None):
+    """One array and its state (the keywords: ``bind_many``'s, ``absmax`` one tuple
+    per state buffer): ``step(grad, args, nthreads, copies=None, sr_key=None)``."""
+    if (grad_dtype is None and absmax is None and qmaps is None
+            and isinstance(param, np.ndarray) and param.dtype in _DTYPES):
+        return Bound(kernel, [param], [tuple(buffers)], True)
+    return StagedBound(kernel, [param], [tuple(buffers)], True, None, grad_dtype,
+                       None if absmax is None else [tuple(absmax)], qmaps)
 
 
 def bind_many(kernel, params, buffers, labels=None, *, grad_dtype=None, absmax=None,
@@ -573,7 +588,7 @@ class StagedBound:
 
     __slots__ = ("kernel", "names", "codes", "present", "P", "A", "Q", "B", "starts",
                  "sizes", "single", "labels", "ranges", "written", "arrays", "ready",
-                 "copy", "copy_code", "uniform")
+                 "copy", "copy_code", "uniform", "sr_key", "held")
 
     def __init__(self, kernel, params, buffers, single=False, labels=None, grad_dtype=None,
                  absmax=None, qmaps=None):
@@ -644,12 +659,14 @@ class StagedBound:
         self.copy = np.zeros(len(params), dtype=np.uint64)
         self.copy_code = None
         self.uniform = S.is_uniform(codes, self.present)
+        self.sr_key = self.held = None
         self.ready = False
 
     def _lab(self, slot, s):
         return _label(self.names, slot, s, self.single, self.labels)
 
-    def prepare(self, grads, copies=None):
+    def prepare(self, grads, copies=None, sr_key=None):
+        """Check the gradients and the copies (nothing is written); ``run`` steps."""
         self.ready = False
         grads = [grads] if self.single else grads
         if not self.single:
@@ -703,14 +720,18 @@ class StagedBound:
             written.check_read(addr, addr + g.nbytes, label)
             self.P[s, 1] = addr
         self.copy_code = ct
+        self.sr_key = sr_key
+        self.held = (grads, copies)   # alive until run: the table holds their addresses
         self.ready = True
 
-    def run(self, args, nthreads, sr_key=None):
+    def run(self, args, nthreads):
         if not self.ready:
             raise RuntimeError("run() without a successful prepare()")
         self.ready = False
+        sr_key = self.sr_key
         sr = sr_key is not None and self.codes[0] == S.T_BF16
         ct = self.copy_code
+        held, self.held = self.held, None  # noqa: F841 (alive through the call)
         if self.starts[-1] == 0:
             return
         if self.uniform and ct is None and not sr:
@@ -723,5 +744,5 @@ class StagedBound:
                         int(sr_key or 0) & 0xFFFFFFFF)
 
     def step(self, grads, args, nthreads, copies=None, sr_key=None):
-        self.prepare(grads, copies)
-        self.run(args, nthreads, sr_key)
+        self.prepare(grads, copies, sr_key)
+        self.run(args, nthreads)

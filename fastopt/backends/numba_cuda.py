@@ -613,7 +613,14 @@ class Bound:
                                  "must be distinct")
 
     # -- the step ---------------------------------------------------------------
-    def step(self, grad, args, nthreads):
+    def step(self, grad, args, nthreads, copies=None, sr_key=None):
+        if copies is not None:
+            # a copy out: the staged path over the same arrays (no bf16 param here)
+            p = self.arrays[0]
+            bufs = tuple(None if a is p else a for a in self.arrays[1:])
+            SingleStaged(StagedSegmentBound(self.kernel, [p], [bufs])).step(
+                grad, args, nthreads, copies, sr_key)
+            return
         self.step_c(grad, M.plan_of(self.kernel, args))
 
     def check_grad(self, grad):
@@ -695,7 +702,8 @@ class SegmentBound:
 
     __slots__ = ("kernel", "rule", "names", "dtype", "device", "coefs", "present", "sizes",
                  "table", "d_table", "d_starts", "written", "labels", "arrays", "grid",
-                 "dispatcher", "grads", "stream", "torch_stream", "ready", "source")
+                 "dispatcher", "grads", "stream", "torch_stream", "ready", "source", "twin",
+                 "deleg", "held")
 
     def __init__(self, kernel, params, buffers, labels=None):
         coefs, _, rule, names = M.RULES[kernel]
@@ -743,13 +751,23 @@ class SegmentBound:
         self.grid = _blocks(int(starts[-1]), self.device) if starts[-1] else 1
         self.dispatcher = segment_kernel_for(kernel, self.present)
         self.source = (params, [tuple(b) for b in buffers], labels)
+        self.twin = self.deleg = self.held = None
         self.grads = None
         self.stream = 0
         self.torch_stream = None
         self.ready = False
 
-    def prepare(self, grads):
+    def prepare(self, grads, copies=None, sr_key=None):
         self.ready = False
+        self.deleg = None
+        if copies is not None:
+            # a copy out: the staged path over the same arrays (its twin, kept; no
+            # bf16 param here, so sr_key changes nothing)
+            if self.twin is None:
+                self.twin = StagedSegmentBound(self.kernel, *self.source)
+            self.twin.prepare(grads, copies, sr_key)
+            self.deleg, self.ready = self.twin, True
+            return
         S.check_grad_list(grads, len(self.sizes), f"{self.rule}: ")
         ptrs = []
         stream = 0
@@ -776,11 +794,17 @@ class SegmentBound:
             handle = self.torch_stream(self.device).cuda_stream
             stream = _external_stream(handle) if handle else 0
         self.grads, self.stream, self.ready = ptrs, stream, True
+        self.held = grads   # alive until run: the table will hold their addresses
 
     def run(self, args, nthreads):
         if not self.ready:
             raise RuntimeError("run() without a successful prepare()")
         self.ready = False
+        if self.deleg is not None:
+            deleg, self.deleg = self.deleg, None
+            deleg.run(args, nthreads)
+            return
+        held, self.held = self.held, None  # noqa: F841 (alive through the launch)
         ptrs = np.asarray(self.grads, dtype=np.uint64)
         if self.d_table is None or not np.array_equal(self.table[:, 1], ptrs):
             self.table[:, 1] = ptrs
@@ -791,12 +815,7 @@ class SegmentBound:
         self.dispatcher[self.grid, BLOCK_SIZE, self.stream](self.d_table, self.d_starts, k)
 
     def step(self, grads, args, nthreads, copies=None, sr_key=None):
-        if copies is not None:
-            # a copy out: the staged path over the same arrays (sr_key: no bf16 here)
-            StagedSegmentBound(self.kernel, *self.source).step(grads, args, nthreads,
-                                                                copies, sr_key)
-            return
-        self.prepare(grads)
+        self.prepare(grads, copies, sr_key)
         self.run(args, nthreads)
 
 
@@ -819,9 +838,42 @@ def run_segments(kernel, dtype, ptrs, lengths, args, nthreads=1, check=True):
         cuda.to_device(table), cuda.to_device(starts), k)
 
 
-def bind(kernel, param, buffers):
-    """The optimizer classes' fast path (see the module docstring)."""
-    return Bound(kernel, param, buffers)
+def bind(kernel, param, buffers, *, grad_dtype=None, absmax=None, qmaps=None):
+    """The optimizer classes' fast path (see the module docstring); storage types
+    other than float32/float64 throughout (the keywords: ``bind_many``'s, ``absmax``
+    one tuple per state buffer) bind the staged path over one segment."""
+    plain = grad_dtype is None and absmax is None and qmaps is None
+    if plain:
+        try:
+            plain = _describe_lowp(M.RULES[kernel][2], "param", param, False)[3] in (
+                S.T_F32, S.T_F64)
+        except (TypeError, ValueError):
+            pass  # Bound words the error
+    if plain:
+        return Bound(kernel, param, buffers)
+    return SingleStaged(StagedSegmentBound(
+        kernel, [param], [tuple(buffers)], None, grad_dtype,
+        None if absmax is None else [tuple(absmax)], qmaps))
+
+
+class SingleStaged:
+    """One array's StagedSegmentBound with the one-array protocol: ``step(grad,
+    args, nthreads, copies=None, sr_key=None)`` with one gradient (and one copy)."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def prepare(self, grad, copies=None, sr_key=None):
+        self.inner.prepare([grad], None if copies is None else [copies], sr_key)
+
+    def run(self, args, nthreads):
+        self.inner.run(args, nthreads)
+
+    def step(self, grad, args, nthreads, copies=None, sr_key=None):
+        self.prepare(grad, copies, sr_key)
+        self.run(args, nthreads)
 
 
 def _call(kernel, nbuf, param, grad, *rest):
@@ -1148,9 +1200,11 @@ class StagedSegmentBound:
         self.copy = np.zeros(len(params), dtype=np.uint64)
         self.copy_code = None
         self.stream = 0
+        self.sr_key = self.held = None
         self.ready = False
 
-    def prepare(self, grads, copies=None):
+    def prepare(self, grads, copies=None, sr_key=None):
+        """Check the gradients and the copies (nothing is written); ``run`` launches."""
         self.ready = False
         rule = self.rule
         S.check_grad_list(grads, len(self.sizes), f"{rule}: ")
@@ -1199,14 +1253,17 @@ class StagedSegmentBound:
             import torch
             handle = torch.cuda.current_stream(grads[0].device).cuda_stream
             stream = _external_stream(handle) if handle else 0
-        self.copy_code, self.stream, self.ready = ct, stream, True
+        self.copy_code, self.stream, self.sr_key, self.ready = ct, stream, sr_key, True
+        self.held = (grads, copies)   # alive until run: the table holds their addresses
 
-    def run(self, args, nthreads, sr_key=None):
+    def run(self, args, nthreads):
         if not self.ready:
             raise RuntimeError("run() without a successful prepare()")
         self.ready = False
+        sr_key = self.sr_key
         sr = sr_key is not None and self.codes[0] == S.T_BF16
         ct = self.copy_code
+        held, self.held = self.held, None  # noqa: F841 (alive through the launch)
         if S.is_uniform(self.codes, self.present, ct, sr):
             dt = np.dtype(np.float32 if self.codes[0] == S.T_F32 else np.float64)
             table, starts = cuda.to_device(self.table), cuda.to_device(self.starts)
@@ -1221,8 +1278,8 @@ class StagedSegmentBound:
                        self.am, self.Q, self.B, self.copy, self.starts, args, self.stream)
 
     def step(self, grads, args, nthreads, copies=None, sr_key=None):
-        self.prepare(grads, copies)
-        self.run(args, nthreads, sr_key)
+        self.prepare(grads, copies, sr_key)
+        self.run(args, nthreads)
 
 
 _bind_many_plain = bind_many
