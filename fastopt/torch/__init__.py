@@ -23,6 +23,8 @@ import inspect
 import torch
 
 from fastopt.rules import RULES, Rule
+from fastopt.torch.bnb8 import (Adagrad8bit, Adam8bit, AdamW8bit, Lion8bit, RMSprop8bit,
+                                SGD8bit)
 from fastopt.torch.lbfgs import LBFGS
 from fastopt.torch.optimizer import DISPATCH_FLAGS, Optimizer, _plain
 
@@ -82,4 +84,6 @@ def _make_class(rule: Rule):
 
 OPTIMIZERS = {name: _make_class(rule) for name, rule in RULES.items()}
 globals().update(OPTIMIZERS)
-__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS]
+EIGHT_BIT = {c.__name__: c for c in (Adam8bit, AdamW8bit, Lion8bit, SGD8bit, RMSprop8bit,
+                                    Adagrad8bit)}
+__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS, *EIGHT_BIT]
