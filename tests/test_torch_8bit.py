@@ -212,8 +212,8 @@ def test_many_steps_stay_close_to_bitsandbytes(name):
     bnb = _bnb()
     p0 = torch.randn(N, generator=torch.Generator().manual_seed(3))
     a, b = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
-    _train(getattr(ft, name)([a], **KWARGS[name]), a, 30, 4)
-    _train(getattr(bnb.optim, name)([b], **KWARGS[name]), b, 30, 4)
+    _train(getattr(ft, name)([a], **KWARGS[name]), a, 15, 4)
+    _train(getattr(bnb.optim, name)([b], **KWARGS[name]), b, 15, 4)
     moved = (b - p0).norm().item()
     assert moved > 0
     # measured with 50 steps: 0.1% (Adagrad) to 1.8% (SGD) of the distance moved
@@ -355,6 +355,17 @@ def test_bad_gradient_is_refused_before_anything_is_written(name):
     with pytest.raises(TypeError, match="lr"):
         opt.step()
     _unchanged(opt, snap)
+
+
+def test_a_parameter_listed_twice_is_refused():
+    p = torch.nn.Parameter(torch.randn(N))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # torch warns about the duplicate
+        opt = ft.Lion8bit([p, p])
+    p.grad = torch.randn(N)
+    with pytest.raises(ValueError, match="param 1 of group 0 is listed twice"):
+        opt.step()
+    assert not opt.state
 
 
 def test_bad_loaded_state_is_refused():

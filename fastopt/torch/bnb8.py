@@ -300,6 +300,7 @@ class Optimizer8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = []
+        seen = set()
         for gi, group in enumerate(self.param_groups):
             hp = self._plan_hypers(group)
             items = []
@@ -308,6 +309,12 @@ class Optimizer8bit(torch.optim.Optimizer):
                 if g is None:
                     continue
                 where = f"param {k} of group {gi}"
+                if id(p) in seen:
+                    # torch steps a parameter listed twice twice; one engine call
+                    # cannot write one tensor twice
+                    raise ValueError(f"{where} is listed twice; fastopt's 8-bit "
+                                     "optimizers step each parameter once per step")
+                seen.add(id(p))
                 self._check_param(p, where)
                 self._check_grad(p, g, where)
                 st = self.state.get(p)
