@@ -177,7 +177,8 @@ def dequantize_blocks(codes, absmax, qmap, block: int = BLOCK) -> np.ndarray:
     if absmax.shape[0] != -(-n // block):
         raise ValueError(f"absmax has {absmax.shape[0]} entries; {n} codes in blocks of "
                          f"{block} need {-(-n // block)}")
-    return q[codes] * np.repeat(absmax, block)[:n]
+    with np.errstate(invalid="ignore"):     # NaN or inf absmax times a zero code
+        return q[codes] * np.repeat(absmax, block)[:n]
 
 
 # ---------------------------------------------------------------------------

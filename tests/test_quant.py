@@ -356,3 +356,73 @@ def test_step8_is_the_float64_rule_on_the_dequantized_state(name, t):
         # nearest in float64: no code of the map is closer to s/absmax
         y = s / np.repeat(a, 256)[:n]
         assert np.all(np.abs(q[c] - y) <= np.abs(q[None, :].astype(np.float64) - y[:, None]).min(1))
+
+
+# ---------------------------------------------------------------------------
+# The compiled engine's staged storage is this reference, bit for bit
+# ---------------------------------------------------------------------------
+
+def _compiled():
+    from fastopt import backends
+    if not backends.available("cython"):
+        pytest.skip("the compiled kernels are not built")
+    return backends.load("cython")
+
+
+def _sgd_call(C, p, g, buf, am, qmap, pdt, first, lr, momentum, damp, sr_key=None,
+              nthreads=2):
+    # SGD's plan: lr, weight_decay, decay, momentum, 1 − dampening, nesterov, first,
+    # maximize. The momentum buffer is one 8-bit column.
+    args = (lr, 0.0, 1.0, momentum, 1.0 - damp, 0, first, 0)
+    ptrs = np.array([[p.ctypes.data, g.ctypes.data, buf.ctypes.data]], dtype=np.uintp)
+    absmax = np.array([[0, 0, am.ctypes.data]], dtype=np.uintp)
+    C.run_segments("sgd", (pdt, np.dtype(F32), "q8"), ptrs,
+                   np.array([len(g)], dtype=np.intp), args, nthreads, True,
+                   absmax=absmax, qmaps=(None, None, qmap), sr_key=sr_key)
+
+
+@pytest.mark.parametrize("kind", ["signed", "unsigned"])
+def test_engine_8bit_store_and_load_are_the_reference(kind):
+    """SGD's first step sets its buffer to g exactly, so the stored codes and block
+    maxima are the quantisation of g; a later step with momentum 1, dampening 1
+    and lr 1 from p = 0 writes p = −(the dequantized buffer)."""
+    C = _compiled()
+    q = MAPS[kind]
+    g = _edge_data(q, np.random.default_rng(12))
+    g = np.concatenate([g, np.full(300, np.nan, F32), g[:1000]]).astype(F32)
+    g[5000] = np.inf
+    n = len(g)
+    buf = np.zeros(n, np.uint8)
+    am = np.zeros(-(-n // 256), F32)
+    p = np.zeros(n, F32)
+    _sgd_call(C, p, g, buf, am, q, np.dtype(F32), 1, 0.0, 0.9, 0.0)
+    codes, want_am = Q.quantize_blocks(g, q)
+    assert np.array_equal(buf, codes)
+    assert np.array_equal(_bits(am), _bits(want_am))
+    p[:] = 0
+    _sgd_call(C, p, np.zeros(n, F32), buf, am, q, np.dtype(F32), 0, 1.0, 1.0, 1.0)
+    with np.errstate(invalid="ignore"):
+        want = F32(0) - Q.dequantize_blocks(codes, want_am, q)
+    nan = np.isnan(want)
+    assert nan.sum() >= 300 and np.array_equal(np.isnan(p), nan)
+    assert np.array_equal(_bits(p[~nan]), _bits(want[~nan]))
+
+
+def test_engine_bf16_parameters_are_the_reference():
+    """A bf16 parameter is widened, stepped in float32 and rounded back: to nearest
+    even, or stochastically with the spec's hash of (key, segment, index)."""
+    C = _compiled()
+    rng = np.random.default_rng(13)
+    n = 3000
+    p = Q.bf16_round(rng.standard_normal(n).astype(F32))
+    g = rng.standard_normal(n).astype(F32)
+    q = MAPS["signed"]
+    lr = 1e-3
+    step32 = Q.bf16_to_float(p) - F32(lr) * g     # first step: the buffer is g
+    for key in (None, Q.sr_key(7, 3)):
+        out = p.copy()
+        buf = np.zeros(n, np.uint8)
+        am = np.zeros(-(-n // 256), F32)
+        _sgd_call(C, out, g, buf, am, q, "bfloat16", 1, lr, 0.9, 0.0, sr_key=key)
+        want = Q.bf16_round(step32) if key is None else Q.bf16_stochastic(step32, key, 0)
+        assert np.array_equal(out, want)
