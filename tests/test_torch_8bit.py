@@ -220,6 +220,21 @@ def test_many_steps_stay_close_to_bitsandbytes(name):
     assert (a - b).norm().item() <= 0.05 * moved
 
 
+def test_a_non_contiguous_parameter_steps_in_logical_order():
+    """bitsandbytes makes a parameter contiguous before its step, so its blocks
+    run over the elements in logical order: a transposed parameter steps as its
+    contiguous copy does, and keeps its own layout here."""
+    x = torch.randn(64, 129, generator=torch.Generator().manual_seed(15))
+    a = torch.nn.Parameter(x.t())           # 129 x 64, not contiguous
+    b = torch.nn.Parameter(x.t().contiguous())
+    oa, ob = ft.AdamW8bit([a], lr=1e-2), ft.AdamW8bit([b], lr=1e-2)
+    _train(oa, a, 3, 16)
+    _train(ob, b, 3, 16)
+    assert not a.is_contiguous() and torch.equal(a, b)
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(oa.state[a][key], ob.state[b][key])
+
+
 # ---------------------------------------------------------------------------
 # State dicts, both ways
 # ---------------------------------------------------------------------------
@@ -372,6 +387,11 @@ def test_bad_loaded_state_is_refused():
     opt, good, bad = _two_params("AdamW8bit")
     sd = opt.state_dict()
     snap = _snapshot(opt)
+    for t in (-1, 1.5, float("inf"), float("nan"), "3"):
+        sd["state"][0]["step"] = t
+        with pytest.raises(ValueError, match="'step' must be a count"):
+            opt.load_state_dict(sd)
+    sd = opt.state_dict()
     sd["state"][0][bnb8.NESTED]["absmax1"] = torch.zeros(3)
     with pytest.raises(ValueError, match="absmax1.*33 elements"):
         opt.load_state_dict(sd)

@@ -41,6 +41,7 @@ Differences from bitsandbytes, all deliberate:
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from collections import defaultdict
@@ -242,7 +243,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         t = st.get("step")
         if isinstance(t, torch.Tensor) and t.numel() == 1:
             t = t.item()
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or t != int(t) or t < 0:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or \
+                not math.isfinite(t) or t != int(t) or t < 0:
             raise ValueError(f"{where}: state 'step' must be a count >= 0, got {t!r}")
         n = p.numel()
         kinds = set()
