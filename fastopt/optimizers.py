@@ -195,8 +195,8 @@ class Optimizer:
                 or any(t != g.pdt for t in g.types)]
         if lowp and not _storage_capable(be):
             g = lowp[0]
-            _refuse_backend(be, f"{g.pdt.name} params with "
-                            f"{'/'.join(sorted({t.name for t in g.types}))} state")
+            state = "/".join(sorted({"8-bit" if t == _Q8 else t.name for t in g.types}))
+            _refuse_backend(be, f"{g.pdt.name} params with {state} state")
         d = self.__dict__
         d["_many"] = many
         d["_params"] = flats  # flat: what the kernels and the state buffers follow
@@ -285,8 +285,10 @@ class Optimizer:
         grads = self._grads(grad)
         copies = None if copy_to is None else self._copies(copy_to)
         be, many = self._backend, self._many
-        if copies is not None and not _storage_capable(be):
-            _refuse_backend(be, "copy_to")
+        if copies is not None:
+            if not _storage_capable(be):
+                _refuse_backend(be, "copy_to")
+            self._check_copy_overlap(grads, copies)
         ready = []
         for gi, g in enumerate(self._groups):
             dts = {np.dtype(grads[i].dtype) for i in g.index}
@@ -309,8 +311,6 @@ class Optimizer:
                 bound.prepare(gs, *extra)
             ready.append((gi, bound))
         if len(self._groups) > 1:
-            if copies is not None:
-                self._check_copy_overlap(grads, copies)
             for gi, bound in ready:
                 bound.run(args, _threads[0])
         for gi, bound in ready:
@@ -371,14 +371,15 @@ class Optimizer:
         return out
 
     def _check_copy_overlap(self, grads, copies):
-        """Copies against every array of every group (each bound call checks its own
-        group; this covers the others)."""
+        """Each copy against every other array of the call, in every group (a bound
+        call checks only its own group), named as the caller passed them."""
+        at = (lambda i: f"[{i}]") if self._many else (lambda i: "")  # noqa: E731
         spans = []
         for i, (p, st) in enumerate(zip(self._params, self._states)):
-            spans.append((p, f"param[{i}]"))
-            spans.append((grads[i], f"grad[{i}]"))
-            spans += [(a, f"state[{i}][{k!r}]") for k, a in st.items()]
-        copy_spans = [(c, f"copy_to[{i}]") for i, c in enumerate(copies)]
+            spans.append((p, f"param{at(i)}"))
+            spans.append((grads[i], f"grad{at(i)}"))
+            spans += [(a, f"state{at(i)}[{k!r}]") for k, a in st.items()]
+        copy_spans = [(c, f"copy_to{at(i)}") for i, c in enumerate(copies)]
         ranges = [(_byte_range(a), n) for a, n in spans + copy_spans if a.shape[0] > 0]
         lo = np.array([r[0][0] for r in ranges], dtype=np.uint64)
         hi = np.array([r[0][1] for r in ranges], dtype=np.uint64)
