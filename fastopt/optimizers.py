@@ -6,7 +6,7 @@ Construction and hyperparameter changes validate everything once; ``step(grad)``
 then computes the per-step scalars and makes one kernel call over every array (one
 per storage type in a mixed list): the segment engine, bound once to the arrays.
 
-Storage (issue 14): parameters may be float32, float64, float16 or bfloat16
+Low-precision storage: parameters may be float32, float64, float16 or bfloat16
 (``ml_dtypes.bfloat16`` arrays); the arithmetic of a non-float64 array is float32,
 its state is stored in the parameter's dtype unless ``state_dtype`` says otherwise,
 or in 8-bit block-wise codes (the ``...8bit`` classes). ``step(grad, copy_to=...)``

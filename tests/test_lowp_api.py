@@ -1,4 +1,4 @@
-"""The NumPy classes on low-precision storage (issue 14): float16/bfloat16 params,
+"""The NumPy classes on low-precision storage: float16/bfloat16 params,
 stochastic rounding, low-precision gradients in and parameter copies out, and the
 8-bit classes. Every result is held bitwise to a reference built from pieces tested
 elsewhere: fastopt's float32 kernels (via fastopt.functional) for the arithmetic, and
