@@ -25,8 +25,8 @@ import warnings
 import numpy as np
 
 from fastopt import backends
-from fastopt._checks import (COPY_DTYPES, MAX_STEP, PARAM_DTYPES, _byte_range, check_array,
-                             coerce)
+from fastopt._checks import (COPY_DTYPES, MAX_STEP, PARAM_DTYPES, _bf16_tensor_view,
+                             _byte_range, check_array, coerce)
 from fastopt.flat import FlatParams
 from fastopt.rules import RULES, Rule
 
@@ -183,7 +183,7 @@ class Optimizer:
             flats.append(arr)
             # what `param` shows: the caller's array in its own shape, sharing memory
             # with the flat view (a tensor's NumPy view for a tensor)
-            shaped.append(be.as_array(p))
+            shaped.append(be.as_array(_bf16_tensor_view(p)))
             types.append(self._state_types(name, np.dtype(arr.dtype), int(arr.shape[0]),
                                            sdt))
         # one group per storage type, in order of first appearance

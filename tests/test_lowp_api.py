@@ -286,6 +286,23 @@ def test_copy_to_is_the_rounded_new_param(cdt):
     assert same(outs[1], ref.new32) and same(ps[1], ref.stored)
 
 
+def test_cpu_tensors_of_bfloat16_are_viewed_in_place():
+    torch = pytest.importorskip("torch")
+    w = torch.randn(3, 5, dtype=torch.bfloat16)
+    p = w.view(torch.int16).numpy().view(BF16).copy()   # the same values as an array
+    a, b = fastopt.AdamW(w, lr=0.1), fastopt.AdamW(p, lr=0.1)
+    assert a.param.dtype == BF16 and a.param.shape == (3, 5)
+    g = torch.randn(3, 5, dtype=torch.bfloat16)
+    a.step(g)
+    b.step(g.view(torch.int16).numpy().view(BF16))
+    assert same(w.view(torch.int16).numpy().view(BF16), p)
+    # float32 master, bf16 gradient in, bf16 copy out, all tensors
+    m = torch.randn(15)
+    out = torch.zeros(15, dtype=torch.bfloat16)
+    fastopt.AdamW(m, lr=0.1).step(torch.ones(15, dtype=torch.bfloat16), copy_to=out)
+    assert torch.equal(out, m.to(torch.bfloat16))
+
+
 # ---------------------------------------------------------------------------
 # Bad input: named, and nothing written
 # ---------------------------------------------------------------------------
