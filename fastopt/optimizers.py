@@ -93,11 +93,21 @@ def _storage_capable(be) -> bool:
     ok = _STORAGE_CAPABLE.get(be.NAME)
     if ok is None:
         try:
-            ok = "grad_dtype" in inspect.signature(be.bind_many).parameters
+            params = inspect.signature(be.bind_many).parameters
         except (TypeError, ValueError):
-            ok = False
+            params = {}
+        # named, or taken through **storage (then a refusal is caught at the call)
+        ok = "grad_dtype" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         _STORAGE_CAPABLE[be.NAME] = ok
     return ok
+
+
+def _call_refused(exc: TypeError) -> bool:
+    """Whether ``exc`` says a backend's call does not take the storage arguments
+    (an older signature), rather than refusing an argument's value."""
+    text = str(exc)
+    return "unexpected keyword argument" in text or "positional argument" in text
 
 
 def _refuse_backend(be, what: str):
@@ -304,11 +314,18 @@ class Optimizer:
             cs = None if copies is None else (
                 copies[0] if not many else [copies[i] for i in g.index])
             extra = () if cs is None and k is None else (cs, k)
-            if len(self._groups) == 1:
-                # checks everything before it writes (a CUDA bound call has no prepare)
-                bound.step(gs, args, _threads[0], *extra)
-            else:
-                bound.prepare(gs, *extra)
+            try:
+                if len(self._groups) == 1:
+                    # checks everything before it writes (a CUDA bound call has no
+                    # prepare)
+                    bound.step(gs, args, _threads[0], *extra)
+                else:
+                    bound.prepare(gs, *extra)
+            except TypeError as exc:
+                if extra and _call_refused(exc):
+                    _refuse_backend(be, "copy_to" if cs is not None
+                                    else "bf16_stochastic_round")
+                raise
             ready.append((gi, bound))
         if len(self._groups) > 1:
             for gi, bound in ready:
@@ -503,14 +520,21 @@ class Optimizer:
         if storage and not _storage_capable(be):
             _refuse_backend(be, f"a {gdt.name} gradient for {g.pdt.name} params"
                             if not q8 else "8-bit state")
-        if not self._many:
-            if q8:
-                storage["absmax"] = storage["absmax"][0]
-            bound = backends.bind(be, kernel, self._params[0], self._bufs[0], **storage)
-        else:
-            bound = backends.bind_many(be, kernel, [self._params[i] for i in g.index],
-                                       [self._bufs[i] for i in g.index],
-                                       labels=g.index, **storage)
+        try:
+            if not self._many:
+                if q8:
+                    storage["absmax"] = storage["absmax"][0]
+                bound = backends.bind(be, kernel, self._params[0], self._bufs[0],
+                                      **storage)
+            else:
+                bound = backends.bind_many(be, kernel, [self._params[i] for i in g.index],
+                                           [self._bufs[i] for i in g.index],
+                                           labels=g.index, **storage)
+        except TypeError as exc:
+            if storage and _call_refused(exc):
+                _refuse_backend(be, f"a {gdt.name} gradient for {g.pdt.name} params"
+                                if not q8 else "8-bit state")
+            raise
         self._binds[(gi, gdt)] = bound
         return bound
 
