@@ -58,8 +58,9 @@ def coerce(name: str, obj, backend):
     try:
         arr = backend.as_array(obj)
     except TypeError as exc:
-        raise TypeError(f"{name} must be a float32, float64, float16 or bfloat16 array (NumPy array of any "
-                        f"shape, buffer, or CPU tensor), got {_describe(obj)}: {exc}") from None
+        raise TypeError(f"{name} must be a float32, float64, float16 or bfloat16 array "
+                        f"(NumPy array of any shape, buffer, or CPU tensor), got "
+                        f"{_describe(obj)}: {exc}") from None
     if isinstance(arr, np.ndarray) and arr.ndim != 1:
         if not arr.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous (fastopt works on its flat "

@@ -4,8 +4,9 @@ The file holds the state arrays under ``state/<name>`` (``state/<i>/<name>`` for
 i-th array of an optimizer built from a list) and everything else as UTF-8 JSON in
 ``meta``. ``.npz`` has no bfloat16 (ml_dtypes' type would be saved as raw void
 bytes): such an array is stored as its uint16 bits, and ``meta['dtypes']`` maps its
-entry to ``"bfloat16"``, so it reads back bit for bit. ``save`` writes a temporary file in the same folder, flushes it to
-disk and renames it over the target, so a crash mid-save leaves the previous file.
+entry to ``"bfloat16"``, so it reads back bit for bit. ``save`` writes a temporary
+file in the same folder, flushes it to disk and renames it over the target, so a
+crash mid-save leaves the previous file.
 """
 
 from __future__ import annotations

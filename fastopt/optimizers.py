@@ -301,14 +301,15 @@ class Optimizer:
             self._check_copy_overlap(grads, copies)
         ready = []
         for gi, g in enumerate(self._groups):
-            dts = {np.dtype(grads[i].dtype) for i in g.index}
-            if len(dts) > 1:
-                j = next(i for i in g.index if np.dtype(grads[i].dtype) != np.dtype(grads[g.index[0]].dtype))
-                raise TypeError(f"grad[{j}] has dtype {np.dtype(grads[j].dtype)}, "
-                                f"grad[{g.index[0]}] has {np.dtype(grads[g.index[0]].dtype)}: "
-                                f"the gradients of the {g.pdt.name} params (with "
-                                f"{g.types[0].name} state) must share one dtype")
-            bound = self._bind(gi, dts.pop())
+            first = np.dtype(grads[g.index[0]].dtype)
+            for j in g.index:
+                if np.dtype(grads[j].dtype) != first:
+                    state = "8-bit" if g.types[0] == _Q8 else g.types[0].name
+                    raise TypeError(f"grad[{j}] has dtype {np.dtype(grads[j].dtype)}, "
+                                    f"grad[{g.index[0]}] has {first}: the gradients of the "
+                                    f"{g.pdt.name} params with {state} state must share "
+                                    "one dtype")
+            bound = self._bind(gi, first)
             gs = grads[0] if not many else [grads[i] for i in g.index]
             k = key if g.bf16 else None
             cs = None if copies is None else (

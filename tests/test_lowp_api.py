@@ -431,7 +431,8 @@ def test_backend_without_storage_is_refused_by_name():
         pytest.skip("numba is not installed")
     with pytest.raises(TypeError, match="numba backend does not run bfloat16"):
         fastopt.Adam(np.zeros(10, BF16), backend="numba")
-    with pytest.raises(TypeError, match="numba backend does not run float32 params with 8-bit state"):
+    with pytest.raises(TypeError,
+                       match="numba backend does not run float32 params with 8-bit state"):
         fastopt.AdamW8bit(np.zeros(5000, F32), backend="numba")
     opt = fastopt.Adam(np.zeros(10, F32), backend="numba")
     before = snapshot(opt)
