@@ -548,7 +548,7 @@ def scenario(cfg, nthreads=None, roofs=None, rng=None, log=None):
     runs.sort(key=lambda r: order[(r["model"], r["variant"], r["seed"])])
     elapsed = time.monotonic() - t_start
     return {"steps": steps, "seeds": seeds, "jobs": jobs, "threads_per_run": 1,
-            "versions": _versions(),
+            "versions": _versions("bnb_adamw8bit" in variants),
             "reference": REFERENCE, "models": info,
             "variants": {v: {"label": VARIANTS[v].label, "dtype": VARIANTS[v].dtype,
                              "criterion": VARIANTS[v].criterion} for v in variants},
@@ -558,10 +558,10 @@ def scenario(cfg, nthreads=None, roofs=None, rng=None, log=None):
             "method": __doc__.split("Models and data", 1)[1].split("\n", 2)[2].strip()}
 
 
-def _versions():
+def _versions(bnb=True):
     from importlib import metadata
     out = {}
-    for dist in ("torch", "bitsandbytes", "scikit-learn"):
+    for dist in ("torch", "scikit-learn") + (("bitsandbytes",) if bnb else ()):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
