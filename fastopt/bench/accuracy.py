@@ -534,9 +534,16 @@ def scenario(cfg, nthreads=None, roofs=None, rng=None, log=None):
                     done.append(fut.result())
                     log(_progress_line(done[-1], len(done), len(tasks), t_start))
         except (cf.process.BrokenProcessPool, OSError) as exc:
-            # e.g. a __main__ that a spawned process cannot import (python - < script)
-            log(f"accuracy: the worker processes failed ({type(exc).__name__}: {exc}); "
-                "the remaining runs go on in this process")
+            why = f"{type(exc).__name__}: {exc}"
+            if done:   # a worker died during a run (a crash): the unfinished runs say so
+                finished = {(r["model"], r["variant"], r["seed"]) for r in done}
+                done += [{"model": m, "variant": v, "seed": s, "steps": n, "status": "error",
+                          "detail": f"its worker process died ({why})"}
+                         for m, v, s, n in tasks if (m, v, s) not in finished]
+            # else none started (a __main__ that a spawned process cannot import, as in
+            # python - < script): the runs go on in this process
+            log(f"accuracy: the worker processes failed ({why})"
+                + ("" if len(done) == len(tasks) else "; the runs go on in this process"))
     finished = {(r["model"], r["variant"], r["seed"]) for r in done}
     for task in tasks:
         if task[:3] not in finished:
