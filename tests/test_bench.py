@@ -541,9 +541,11 @@ def test_accuracy_missing_features_are_reported(monkeypatch):
                              ("breaks", "error", "boom")):
         r = accuracy.run_one("cnn", v, 0, 3)
         assert r["status"] == status and words in r["detail"], r
-    assert torch.get_num_threads() >= 1
+    import fastopt
+    threads = torch.get_num_threads(), fastopt.get_num_threads()
     r = accuracy.run_one("cnn", "adamw_fp32", 0, 3)
     assert r["status"] == "ok"
+    assert (torch.get_num_threads(), fastopt.get_num_threads()) == threads   # restored
 
 
 def test_accuracy_runs_are_deterministic_in_any_process():

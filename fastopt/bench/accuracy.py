@@ -329,9 +329,11 @@ def run_one(model_name, variant_name, seed, steps):
         import torch
     except ImportError as exc:
         return {**out, "status": "not available", "detail": f"torch is not installed ({exc})"}
+    import fastopt
     spec, var = MODELS[model_name], VARIANTS[variant_name]
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    saved_threads = torch.get_num_threads(), fastopt.get_num_threads()
+    torch.set_num_threads(1)   # one thread per run: torch's and fastopt's
+    fastopt.set_num_threads(1)
     try:
         return {**out, **_train(torch, spec, var, seed, steps)}
     except Unavailable as exc:
@@ -339,7 +341,8 @@ def run_one(model_name, variant_name, seed, steps):
     except Exception as exc:  # reported in the table, the other runs go on
         return {**out, "status": "error", "detail": f"{type(exc).__name__}: {exc}"}
     finally:
-        torch.set_num_threads(saved_threads)
+        torch.set_num_threads(saved_threads[0])
+        fastopt.set_num_threads(saved_threads[1])
 
 
 def _train(torch, spec, var, seed, steps):
