@@ -61,7 +61,7 @@ import numpy as np
 REFERENCE = "adamw_fp32"
 HELD_OUT_FRACTION = 0.1
 CURVE_POINTS = 200          # training-loss curve: at most this many block means per run
-EVALS = 10                  # held-out loss evaluated this many times per run
+EVALS = 10                  # held-out loss evaluated up to this many times per run
 FINAL_WINDOW = 100          # final loss: mean training loss over the last 100 steps
 
 
@@ -366,7 +366,8 @@ def _train(torch, spec, var, seed, steps):
     loss_fn = torch.nn.functional.cross_entropy
     losses = np.full(steps, np.nan)
     block = max(1, math.ceil(steps / CURVE_POINTS))
-    eval_at = {min(steps, round(steps * (k + 1) / EVALS)) for k in range(EVALS)}
+    n_evals = min(EVALS, max(1, steps // 100))   # a short run: the final one alone
+    eval_at = {min(steps, round(steps * (k + 1) / n_evals)) for k in range(n_evals)}
     evals = []
     t_eval = 0.0
     t0 = time.perf_counter()
