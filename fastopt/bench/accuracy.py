@@ -437,7 +437,7 @@ def _stats(values):
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], float)
     if not len(v):
         return None, None
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
 
 
 def summarize(runs, models, variants, seeds):
