@@ -629,7 +629,8 @@ def plot_accuracy(doc, path):
     models = list(sc["models"])
     if not models:
         return "no accuracy runs to plot"
-    fig, axes = plt.subplots(2, len(models), figsize=(6.2 * len(models), 7.2), squeeze=False,
+    fig, axes = plt.subplots(2, len(models), figsize=(max(8.0, 6.2 * len(models)), 7.2),
+                             squeeze=False,
                              gridspec_kw={"height_ratios": [3, 2]})
     for j, m in enumerate(models):
         top, bottom = axes[0, j], axes[1, j]
@@ -669,7 +670,7 @@ def plot_accuracy(doc, path):
         bottom.grid(True, alpha=0.3)
     fig.suptitle(f"fastopt bench accuracy: {sc['steps']:,} steps × {len(sc['seeds'])} "
                  f"seed(s), one thread per run — {doc['machine']['cpu_model']}, "
-                 f"{doc['created'][:10]}", fontsize=10)
+                 f"{doc['created'][:10]}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
