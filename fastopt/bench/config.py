@@ -3,7 +3,7 @@ of peer labels. The bottom layer of ``fastopt.bench``: it imports no other part 
 
 The layers, each importing only those above it in this list:
 config -> machine -> timing -> roof -> peers -> lbfgs -> scenarios -> torch_model
--> grid -> cuda -> report -> cli.
+-> accuracy -> grid -> cuda -> report -> cli.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ FULL_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 4_000_0
 QUICK_SIZES = (1_000, 100_000, 1_000_000, 16_000_000)
 QUICK_RULES = ("Adam", "SGD", "Adagrad")
 SCENARIOS = ("overhead", "model", "lists", "threads", "denormal", "torch_model", "lbfgs")
+# run only when named (--scenarios accuracy): minutes of training, not a timing
+OPT_IN_SCENARIOS = ("accuracy",)
 
 # the rule's defaults (torch's) except where the default leaves work out: SGD is
 # benchmarked with momentum=0.9, the way it is used (plain SGD moves 12 bytes/element,
@@ -70,6 +72,11 @@ class Config:
     model_scale: float = 1.0        # width multiplier of the model scenario's shapes
     lbfgs_cases: list = field(default_factory=list)  # (n, history); empty: by mode
     lbfgs_dtype: str = "float32"
+    accuracy_steps: int = 2000      # training steps per run of the accuracy scenario
+    accuracy_seeds: int = 3         # seeds cfg.seed, cfg.seed + 1, ...
+    accuracy_models: list = field(default_factory=list)    # empty: all
+    accuracy_variants: list = field(default_factory=list)  # empty: all
+    accuracy_jobs: int = 1          # runs in parallel processes, one thread each
     out: str = "bench-out"
     plot: bool = True
     progress: bool | None = None

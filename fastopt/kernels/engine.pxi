@@ -216,6 +216,10 @@ cdef void _stage_range(KernelId k, const Seg* seg, Py_ssize_t s, const double* c
                 seg.absmax[slot][q] = fo_store_q8(buf[slot], (<uint8_t*>ptr) + a,
                                                   st.bounds[slot], st.table[slot], n)
         if seg.copy != NULL:
+            if st.ty[0] == TY_BF16:   # the copy is of the param as stored
+                fo_load_bf16((<const uint16_t*>seg.ptr[0]) + a, buf[0], n)
+            elif st.ty[0] == TY_F16:
+                fo_load_f16((<const uint16_t*>seg.ptr[0]) + a, buf[0], n)
             if st.copy_ty == TY_BF16:
                 fo_store_bf16(f[0], (<uint16_t*>seg.copy) + a, n)
             elif st.copy_ty == TY_F16:
