@@ -25,6 +25,12 @@ STORAGE = {"float32": F32, "float16": F16, "bfloat16": BF16, "q8": U8}
 # ---------------------------------------------------------------------------
 
 def qmap(signed):
+    """bitsandbytes' dynamic map (fastopt.quant), else a cubic stand-in."""
+    try:
+        from fastopt.quant import dynamic_map
+        return np.ascontiguousarray(dynamic_map(signed), dtype=F32)
+    except ImportError:
+        pass
     if signed:
         k = np.arange(256, dtype=np.float64) - 128.0
         q = np.sign(k) * (np.abs(k) / 127.0) ** 3
@@ -166,8 +172,14 @@ class Problem:
                     c[1][...] = am
                 else:
                     c[0][...] = to_storage(f[k], name)
-            if copy_name is not None:
-                copies.append(to_storage(f[0], copy_name))
+            if copy_name is not None:   # of the param as stored
+                stored = f[0] if self.types[0] == "float32" else to_f32(row[0][0],
+                                                                       self.types[0])
+                if self.types[0] == "float16":   # NaNs widen quiet (F16C)
+                    b = stored.view(np.uint32)
+                    stored = np.where(np.isnan(stored), b | 0x400000, b).astype(
+                        np.uint32).view(F32)
+                copies.append(to_storage(stored, copy_name))
         return copies
 
     # -- what a backend is given ------------------------------------------------

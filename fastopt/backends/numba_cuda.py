@@ -997,12 +997,21 @@ def _make_staged_kernel(element, h0, h1, h2, NT):
                 a1 = _ld(t3, P[s, 3], i, Q, 3, m1) if h1 else pi
                 a2 = _ld(t4, P[s, 4], i, Q, 4, m2) if h2 else pi
                 pi, a0, a1, a2 = element(pi, gi, a0, a1, a2, k, h0, h1, h2)
-                if sr:
-                    _store(P[s, 0], i, M.f32_to_bf16_sr(pi, M.sr_bits(ks, i)))
+                # the param as stored (what a copy out is made of: the compiled
+                # engine's)
+                if t0 == M.T_BF16:
+                    h = M.f32_to_bf16_sr(pi, M.sr_bits(ks, i)) if sr else M.f32_to_bf16(pi)
+                    _store(P[s, 0], i, h)
+                    cv = M.bf16_to_f32(h)
+                elif t0 == M.T_F16:
+                    h = M.f32_to_f16(pi)
+                    _store(P[s, 0], i, h)
+                    cv = M.f16_to_f32(h)
                 else:
-                    _st(t0, P[s, 0], i, pi)
+                    _store(P[s, 0], i, pi)
+                    cv = pi
                 if ct >= 0:
-                    _st(ct, C[s], i, pi)
+                    _st(ct, C[s], i, cv)
                 if q0:
                     sh[0, t] = a0
                 elif h0:
