@@ -292,11 +292,19 @@ class Bound:
         return out
 
 
+def _narrow(a):
+    """Whether ``a`` is stored in a type only the staged path runs (float16,
+    bfloat16, uint8 codes); anything else that is not float32/float64 is worded by
+    Bound's checks as before."""
+    return isinstance(a, np.ndarray) and (a.dtype in (np.float16, np.uint8)
+                                          or a.dtype.name == "bfloat16")
+
+
 def bind(kernel, param, buffers, *, grad_dtype=None, absmax=None, qmaps=None):
     """One array and its state (the keywords: ``bind_many``'s, ``absmax`` one tuple
     per state buffer): ``step(grad, args, nthreads, copies=None, sr_key=None)``."""
     if (grad_dtype is None and absmax is None and qmaps is None
-            and isinstance(param, np.ndarray) and param.dtype in _DTYPES):
+            and not any(_narrow(a) for a in (param, *buffers))):
         return Bound(kernel, [param], [tuple(buffers)], True)
     return StagedBound(kernel, [param], [tuple(buffers)], True, None, grad_dtype,
                        None if absmax is None else [tuple(absmax)], qmaps)
@@ -311,8 +319,8 @@ def bind_many(kernel, params, buffers, labels=None, *, grad_dtype=None, absmax=N
     ``grad_dtype`` other than the params' bind the staged path (StagedBound)."""
     params = list(params)
     plain = (grad_dtype is None and absmax is None and qmaps is None
-             and all(isinstance(a, np.ndarray) and a.dtype in _DTYPES
-                     for _, _, a in S.slots(params, buffers, len(M.RULES[kernel][3]) - 2)))
+             and not any(_narrow(a) for _, _, a in
+                         S.slots(params, buffers, len(M.RULES[kernel][3]) - 2)))
     if plain:
         return Bound(kernel, params, buffers, False, labels)
     return StagedBound(kernel, params, buffers, False, labels, grad_dtype, absmax, qmaps)
