@@ -187,11 +187,14 @@ def slot_codes(dtype, names):
     return tuple(type_code(d, f"{names[k]}'s dtype") for k, d in enumerate(per_slot))
 
 
-def check_codes(codes, present, names, copy_code=None, sr=False):
+def check_codes(codes, present, names, copy_code=None, sr=False, copy_label="copy_to"):
     """Refuse (TypeError, naming the slot) a signature no engine runs: float64 with any
     other type, q8 outside the state buffers, a copy that is not float32/float16/
     bfloat16, stochastic rounding of a param that is not bfloat16. ``present``: the
     three state slots' presence (absent slots do not count)."""
+    if copy_code is not None and copy_code not in (T_F32, T_F16, T_BF16):
+        raise TypeError(f"{copy_label} must be float32, float16 or bfloat16, got "
+                        f"{TYPE_NAMES[copy_code]}")
     live = [k for k in range(len(codes)) if k < 2 or present[k - 2]]
     types = {codes[k] for k in live}
     if copy_code is not None:
@@ -200,7 +203,7 @@ def check_codes(codes, present, names, copy_code=None, sr=False):
         desc = ", ".join(f"{names[k]} {TYPE_NAMES[codes[k]]}" for k in live)
         if copy_code is not None:
             desc += f", copy {TYPE_NAMES[copy_code]}"
-        bad = next((names[k] for k in live if codes[k] != T_F64), "copy")
+        bad = next((names[k] for k in live if codes[k] != T_F64), copy_label)
         if codes[0] != T_F64:
             bad = next(names[k] for k in live if codes[k] == T_F64)
         raise TypeError(f"{bad}: float64 runs only with every slot float64 ({desc})")
@@ -208,9 +211,6 @@ def check_codes(codes, present, names, copy_code=None, sr=False):
         if codes[k] == T_Q8:
             raise TypeError(f"{names[k]} cannot be q8: 8-bit block-wise storage is for "
                             "state buffers")
-    if copy_code is not None and copy_code not in (T_F32, T_F16, T_BF16):
-        raise TypeError(f"copy must be float32, float16 or bfloat16, got "
-                        f"{TYPE_NAMES[copy_code]}")
     if sr and codes[0] != T_BF16:
         raise TypeError(f"stochastic rounding (sr_key) is for a bfloat16 param, "
                         f"{names[0]} is {TYPE_NAMES[codes[0]]}")

@@ -345,7 +345,7 @@ def run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check=True, *,
     # taken mod 2**32
     sr = sr_key is not None and codes[0] == S.T_BF16
     present = S.table_of(ptrs, lengths, names, 1, False)[2]
-    S.check_codes(codes, present, names, ct, sr)
+    S.check_codes(codes, present, names, ct, sr, "copy_dtype")
     if S.is_uniform(codes, present, ct, sr):
         dt = _DTYPES[0] if codes[0] == S.T_F32 else _DTYPES[1]
         table, starts, present = S.table_of(ptrs, lengths, names, dt.itemsize, check)
@@ -692,11 +692,12 @@ class StagedBound:
         if copies is not None:
             copies = [copies] if self.single else copies
             if not isinstance(copies, (list, tuple)) or len(copies) != len(self.sizes):
-                raise ValueError(f"copies must be a list of {len(self.sizes)} arrays (one "
+                raise ValueError(f"copy_to must be a list of {len(self.sizes)} arrays (one "
                                  "per param)")
             extra = []
             for s, c in enumerate(copies):
-                label = f"copy[{s}]" if not self.single else "copy"
+                label = "copy_to" if self.single else (
+                    f"copy_to[{s if self.labels is None else self.labels[s]}]")
                 if not isinstance(c, np.ndarray):
                     raise TypeError(f"{label} must be a NumPy array, got "
                                     f"{type(c).__name__}")
@@ -704,8 +705,8 @@ class StagedBound:
                 if ct is None:
                     ct = code
                 elif code != ct:
-                    raise TypeError(f"{label} has dtype {S.TYPE_NAMES[code]}, copy[0] has "
-                                    f"{S.TYPE_NAMES[ct]}")
+                    raise TypeError(f"{label} has dtype {S.TYPE_NAMES[code]}; every copy "
+                                    f"must have the first one's {S.TYPE_NAMES[ct]}")
                 if not c.flags.c_contiguous or not c.flags.writeable:
                     raise ValueError(f"{label} must be writable and C-contiguous")
                 if c.size != self.sizes[s]:

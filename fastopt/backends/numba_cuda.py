@@ -1084,7 +1084,7 @@ def run_segments(kernel, dtype, ptrs, lengths, args, nthreads=1, check=True, *,
         np.float32 if copy_dtype is None else copy_dtype, "copy_dtype")
     sr = sr_key is not None and codes[0] == S.T_BF16   # as numba_cpu.run_segments
     present = S.table_of(ptrs, lengths, names, 1, False)[2]
-    S.check_codes(codes, present, names, ct, sr)
+    S.check_codes(codes, present, names, ct, sr, "copy_dtype")
     if S.is_uniform(codes, present, ct, sr):
         dt = np.float32 if codes[0] == S.T_F32 else np.float64
         _run_segments_plain(kernel, np.dtype(dt), ptrs, lengths, args, nthreads, check)
@@ -1220,17 +1220,18 @@ class StagedSegmentBound:
         written, ct = self.written, None
         if copies is not None:
             if not isinstance(copies, (list, tuple)) or len(copies) != len(self.sizes):
-                raise ValueError(f"{rule}: copies must be a list of {len(self.sizes)} "
+                raise ValueError(f"{rule}: copy_to must be a list of {len(self.sizes)} "
                                  "arrays (one per param)")
             extra = []
             for s, c in enumerate(copies):
-                label = f"copy[{self.labels[s]}]"
+                label = f"copy_to[{self.labels[s]}]"
                 _, ptr, n, code, _ = _describe_lowp(rule, label, c, True)
                 if ct is None:
                     ct = code
                 elif code != ct:
-                    raise TypeError(f"{rule}: {label} has dtype {S.TYPE_NAMES[code]}, "
-                                    f"copy[0] has {S.TYPE_NAMES[ct]}")
+                    raise TypeError(f"{rule}: {label} has dtype {S.TYPE_NAMES[code]}; "
+                                    f"every copy must have the first one's "
+                                    f"{S.TYPE_NAMES[ct]}")
                 if n != self.sizes[s]:
                     raise ValueError(f"{rule}: {label} has {n} elements, param has "
                                      f"{self.sizes[s]}")
