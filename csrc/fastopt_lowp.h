@@ -11,8 +11,8 @@
  *         AVX2 build, exact software conversion in the baseline build: same bits).
  *   q8    uint8 codes into a sorted 256-entry map, one float32 absmax per block:
  *         value = map[code] * absmax; a new block's codes are the nearest entries to
- *         x / absmax (ties to the lower code), found through a 65,536-entry table on
- *         the upper 16 bits of the scaled value and one comparison.
+ *         x * (1/absmax) clamped to [-1, 1] (NaN to 1; ties to the lower code), found
+ *         through a 65,536-entry table on the upper 16 bits and one comparison.
  */
 #ifndef FASTOPT_LOWP_H
 #define FASTOPT_LOWP_H
@@ -20,8 +20,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <stddef.h>
-#if defined(__AVX2__) && defined(__F16C__)
+#if defined(__SSE__) || defined(__x86_64__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
 #define FO_AVX2 1   /* the AVX2 build: 8 lanes at a time, the same bits as the scalar loops */
 #else
 #define FO_AVX2 0
@@ -152,6 +154,18 @@ static inline void fo_load_q8(const uint8_t* codes, const float* map, float absm
     for (ptrdiff_t i = 0; i < n; i++) dst[i] = map[codes[i]] * absmax;
 }
 
+/* y clamped to [-1, 1], NaN to 1: minss/maxss keep the second operand when the
+ * first is NaN (written as intrinsics: GCC branches on the plain comparisons). */
+static inline float fo_clamp1(float y) {
+#if defined(__SSE__) || defined(__x86_64__)
+    __m128 v = _mm_min_ss(_mm_set_ss(y), _mm_set_ss(1.0f));
+    return _mm_cvtss_f32(_mm_max_ss(v, _mm_set_ss(-1.0f)));
+#else
+    y = y < 1.0f ? y : 1.0f;
+    return y > -1.0f ? y : -1.0f;
+#endif
+}
+
 /* The block's absmax (NaN if any element is NaN), then the codes. bounds: the 255
  * float32 midpoints of the map plus +inf; table[u]: the number of bounds below the
  * smallest value whose upper 16 bits are u. Exact when no bf16-wide bucket holds two
@@ -167,11 +181,8 @@ static inline float fo_store_q8(const float* src, uint8_t* codes, const float* b
     }
     am = fo_float(m);
     inv = am > 0.0f ? 1.0f / am : 0.0f;
-    /* y beyond [-1, 1] by rounding (|x| <= am) has the code of +-1: the map lies in
-     * [-1, 1], so no bound separates them, and the table covers the whole bucket.
-     * A NaN's bucket has table entry 0 and fails the comparison: code 0. */
     for (ptrdiff_t i = 0; i < n; i++) {
-        y = src[i] * inv;
+        y = fo_clamp1(src[i] * inv);
         c = table[fo_bits(y) >> 16];
         codes[i] = (uint8_t)(c + (bounds[c] < y));
     }

@@ -122,17 +122,22 @@ def _byte_range(arr):
     return ptr, ptr + arr.shape[0] * np.dtype(arr.dtype).itemsize
 
 
-def check_buffers(names, arrays):
+def check_buffers(names, arrays, dtypes=None):
     """Check ``arrays`` (param first, then grad and state; ``None`` = absent) as one
-    set: each array alone, then dtype and length against param, then overlap."""
+    set: each array alone, then dtype and length against param, then overlap.
+    ``dtypes``: the accepted dtype names (default float32 and float64); a float32
+    param may then take a float16 or bfloat16 gradient."""
     param = arrays[0]
     for k, (name, arr) in enumerate(zip(names, arrays)):
         if arr is None:
             continue
-        check_array(name, arr, writable=(name != "grad"))
+        check_array(name, arr, writable=(name != "grad"), dtypes=dtypes)
         if k == 0:
             continue
-        if np.dtype(arr.dtype) != np.dtype(param.dtype):
+        if dtypes is not None and name == "grad" and np.dtype(param.dtype) == np.float32 \
+                and np.dtype(arr.dtype).name in ("float16", "bfloat16"):
+            pass   # a narrower gradient for a float32 master
+        elif np.dtype(arr.dtype) != np.dtype(param.dtype):
             raise TypeError(f"{name} has dtype {np.dtype(arr.dtype)}, param has dtype "
                             f"{np.dtype(param.dtype)}; they must match")
         if arr.shape[0] != param.shape[0]:

@@ -96,10 +96,11 @@ def bounds(qmap) -> np.ndarray:
 
 def nearest_codes(y, qmap) -> np.ndarray:
     """Codes of the values ``y`` (float32, already scaled into [−1, 1]): the number of
-    bounds below each (torch.bucketize(y, bounds)), 0 for NaN."""
+    bounds below each (torch.bucketize(y, bounds)); NaN is clamped to 1 as the kernels
+    clamp it (the top code, where bucketize puts NaN too)."""
     y = np.asarray(y, dtype=_F32)
+    y = np.where(np.isnan(y), _F32(1.0), y)
     c = np.searchsorted(bounds(qmap), y, side="left")
-    c[np.isnan(y)] = 0
     return c.astype(np.uint8)
 
 
@@ -141,8 +142,10 @@ def padded_bounds(qmap) -> np.ndarray:
 
 
 def codes_by_table(y, table, qmap) -> np.ndarray:
-    """``T[u] + (B[T[u]] < y)``: the table method, as a kernel evaluates it."""
+    """``T[u] + (B[T[u]] < y)``: the table method, as a kernel evaluates it (after
+    clamping y to [−1, 1], NaN to 1)."""
     y = np.ascontiguousarray(y, dtype=_F32)
+    y = np.where(np.isnan(y), _F32(1.0), np.clip(y, _F32(-1.0), _F32(1.0))).astype(_F32)
     t = table[y.view(np.uint32) >> 16]
     return (t + (padded_bounds(qmap)[t] < y)).astype(np.uint8)
 
@@ -303,8 +306,8 @@ def _nearest64(x, qmap, block):
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.where(am[:, None] > 0, pad.reshape(nb, block) / am[:, None], 0.0)
     y = np.clip(y.reshape(-1)[:n], -1.0, 1.0)
+    y = np.where(np.isnan(y), 1.0, y)
     c = np.searchsorted(mid, y, side="left")
-    c[np.isnan(y)] = 0
     return c.astype(np.uint8), am
 
 

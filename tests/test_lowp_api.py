@@ -630,3 +630,23 @@ def test_8bit_close_to_bitsandbytes():
             # measured: mean ≤ 0.04%, largest ≤ 2.4%
             assert d.mean() <= 1e-3 * np.abs(theirs_s).mean(), (name, key)
             assert d.max() <= 0.05 * np.abs(theirs_s).max(), (name, key)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_functional_calls_take_half_precision_and_narrow_gradients(half):
+    hdt = np.dtype(F16) if half == "float16" else np.dtype(BF16)
+    rng = np.random.default_rng(9)
+    p, g = draw(rng, 1001, hdt), draw(rng, 1001, hdt)
+    m, v = np.zeros(1001, hdt), np.zeros(1001, hdt)
+    wide = [a.astype(F32) for a in (p, g, m, v)]
+    fastopt.functional.adam(p, g, m, v, step=1, lr=0.01, weight_decay=0.1)
+    fastopt.functional.adam(*wide, step=1, lr=0.01, weight_decay=0.1)
+    assert same(p, rnd(wide[0], hdt)) and same(v, rnd(wide[3], hdt))
+    # a float32 master with a narrow gradient: the gradient widened exactly
+    q = draw(rng, 1001, F32)
+    q2, s, s2 = q.copy(), np.zeros(1001, F32), np.zeros(1001, F32)
+    fastopt.functional.sgd(q, g, s, step=2, lr=0.1, momentum=0.9)
+    fastopt.functional.sgd(q2, g.astype(F32), s2, step=2, lr=0.1, momentum=0.9)
+    assert same(q, q2) and same(s, s2)
+    with pytest.raises(TypeError, match="grad"):   # no narrow gradient for float64
+        fastopt.functional.sgd(q.astype(np.float64), g, step=1, lr=0.1)

@@ -133,8 +133,8 @@ def test_quantize_matches_bitsandbytes_default_backend(kind):
 
 def test_quantize_nan_and_inf():
     """A NaN in a block makes its absmax NaN and inv 0: the block's finite values
-    go to the code of 0, the NaN to code 0. An inf absmax gives inv 0 too, and
-    inf·0 is NaN."""
+    go to the code of 0, the NaN clamps to 1 (the top code, as bucketize puts NaN).
+    An inf absmax gives inv 0 too, and inf·0 is NaN."""
     q = MAPS["signed"]
     zero_code = int(np.searchsorted(Q.bounds(q), F32(0)))
     assert q[zero_code] == 0
@@ -143,7 +143,7 @@ def test_quantize_nan_and_inf():
     x[300] = np.inf
     codes, am = Q.quantize_blocks(x, q)
     assert np.isnan(am[0]) and am[1] == np.inf
-    assert codes[3] == 0 and codes[300] == 0
+    assert codes[3] == 255 and codes[300] == 255
     assert np.all(np.delete(codes, [3, 300]) == zero_code)
 
 
@@ -181,7 +181,8 @@ def test_bucket_table_is_exact_everywhere(kind):
     finite = points[np.abs(points) <= 1]
     assert np.array_equal(Q.codes_by_table(finite, table, q), Q.nearest_codes(finite, q))
     nans = points[np.isnan(points)]
-    assert len(nans) == 510 and np.all(Q.codes_by_table(nans, table, q) == 0)
+    assert len(nans) == 510 and np.all(Q.codes_by_table(nans, table, q) == 255)
+    assert np.all(Q.nearest_codes(nans, q) == 255)
     # the brute force: per bucket, the count of bounds below its smallest value
     lo = np.minimum(ends[:65536], ends[65536:])
     ok = ~np.isnan(lo)
