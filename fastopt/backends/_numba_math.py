@@ -622,9 +622,10 @@ def sr_call_key(seed, step):
 @register_jitable
 def q8_code(y, bounds):
     """The code of y in [-1, 1]: how many of the 255 sorted float32 midpoints are
-    below y (torch.bucketize: nearest code, ties to the lower one); NaN -> 0."""
+    below y (torch.bucketize: nearest code, ties to the lower one); NaN -> 255 (never
+    seen after q8_clamp, which sends NaN to 1)."""
     if y != y:
-        return np.uint8(0)
+        return np.uint8(255)
     lo, hi = 0, 255                 # the answer is in [lo, hi]
     while lo < hi:
         mid = (lo + hi) >> 1
@@ -644,8 +645,10 @@ def q8_scale(am):
 
 @register_jitable
 def q8_clamp(y):
+    """y clamped to [-1, 1] as x86's minss then maxss do it: NaN becomes 1."""
     one = np.float32(1)
-    return one if y > one else (-one if y < -one else y)
+    y = y if y < one else one
+    return y if y > -one else -one
 
 
 def q8_bounds(qmap):
