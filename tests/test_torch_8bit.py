@@ -611,3 +611,23 @@ def test_bad_gradient_after_replayed_steps_is_refused(name):
         opt.step()
     opt.state[bad]["step"] = t
     _unchanged(opt, snap)
+
+
+def test_step_hooks_and_schedulers_still_run():
+    p = torch.nn.Parameter(torch.randn(N))
+    opt = ft.AdamW8bit([p], lr=1e-2)
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    post = opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        p.grad = torch.randn(N)
+        opt.step()
+        sched.step()
+    assert seen == ["pre", "post"] * 3 and opt.state[p]["step"] == 3
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 8)
+    pre.remove()
+    post.remove()
+    p.grad = torch.randn(N)
+    opt.step()
+    assert seen == ["pre", "post"] * 3 and opt.state[p]["step"] == 4
