@@ -11,7 +11,7 @@ from dataclasses import asdict
 import numpy as np
 
 import fastopt
-from fastopt.bench import lbfgs
+from fastopt.bench import lbfgs, lowp
 from fastopt.bench import roof as roof_mod
 from fastopt.bench import scenarios as S
 from fastopt.bench import torch_model
@@ -25,10 +25,11 @@ from fastopt.rules import get_rule
 SCENARIO_RUNS = {"overhead": S.scenario_overhead, "model": S.scenario_model,
                  "lists": S.scenario_lists, "threads": S.scenario_threads,
                  "denormal": S.scenario_denormal,
-                 "torch_model": torch_model.scenario_torch_model, "lbfgs": lbfgs.scenario}
+                 "torch_model": torch_model.scenario_torch_model, "lbfgs": lbfgs.scenario,
+                 "lowp": lowp.scenario_lowp}
 # progress-bar work units of each scenario (a grid case costs its MB)
 SCENARIO_COST = {"overhead": 40, "model": 400, "lists": 300, "threads": 600, "denormal": 400,
-                 "torch_model": 500, "lbfgs": 600}
+                 "torch_model": 500, "lbfgs": 600, "lowp": 800}
 
 
 def new_document(cfg: Config, argv, peers, machine, device="cpu") -> dict:
