@@ -25,11 +25,12 @@ nearest code (``docs``: the low-precision storage spec, ``fastopt.quant`` its Nu
 reference). The tables of addresses (params, gradients, codes, block scales) are
 built once and replayed while every parameter, state entry and step count is what
 the last step left: a replayed step reads each gradient's address, size, dtype and
-layout, rewrites the gradient column only when one moved, and costs about a
-microsecond per tensor on the host. The per-element update is the fastopt rule
-that computes bitsandbytes' (its CPU code): Adam8bit and AdamW8bit are fastopt's AdamW (bitsandbytes decays
-both decoupled), SGD8bit is SGD with momentum and no dampening, RMSprop8bit is
-RMSprop without momentum or centering, Adagrad8bit is Adagrad, Lion8bit is Lion.
+layout, rewrites the gradient column only when one moved, and costs one to two
+microseconds per tensor on the host. The per-element update is the fastopt rule
+that computes bitsandbytes' (its CPU code): Adam8bit and AdamW8bit are fastopt's
+AdamW (bitsandbytes decays both decoupled), SGD8bit is SGD with momentum and no
+dampening, RMSprop8bit is RMSprop without momentum or centering, Adagrad8bit is
+Adagrad, Lion8bit is Lion.
 
 Differences from bitsandbytes, all deliberate:
 
