@@ -379,7 +379,7 @@ def test_bench_modules_import_only_downwards():
     import ast
     import pathlib
     layers = ["config", "machine", "timing", "roof", "peers", "lbfgs", "scenarios",
-              "torch_model", "accuracy", "grid", "cuda", "report", "cli", "__init__"]
+              "torch_model", "lowp", "accuracy", "grid", "cuda", "report", "cli", "__init__"]
     folder = pathlib.Path(P.__file__).parent
     assert {f.stem for f in folder.glob("*.py")} == set(layers)
     graph = {}
@@ -610,3 +610,74 @@ def test_accuracy_cli_options():
     for bad in (["--accuracy-variants", "adamw4bit"], ["--scenarios", "accuracy", "--steps", "0"]):
         with pytest.raises(SystemExit):
             cli.config_from_args(cli.build_parser().parse_args(bad))
+
+
+def test_lowp_scenario(monkeypatch):
+    """The low-precision scenario on a 5,000-element tensor and a tiny 132-tensor
+    model: every peer reports, bytes per element and state memory are those of the
+    storage formats, the offload peer computes what torch fused + copy computes.
+    bitsandbytes is stood in for by fastopt's AdamW8bit (its import alone takes
+    seconds; tests/test_torch_8bit.py holds the two to each other)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("ml_dtypes")
+    from fastopt.bench import lowp
+    from fastopt.bench.machine import set_threads
+    monkeypatch.setitem(scenarios.TRANSFORMERS, "tiny", dict(d=16, vocab=64, ctx=16))
+    monkeypatch.setattr(lowp, "SIZE", 5000)
+    monkeypatch.setattr(lowp, "MODEL", "tiny")
+    real = lowp.make_peer
+
+    def make_peer(peer, base, nthreads, min_8bit_size=lowp.MIN_8BIT_SIZE):
+        if peer == "bnb_8bit":
+            return real("fastopt_8bit", base, nthreads, min_8bit_size)
+        return real(peer, base, nthreads, min_8bit_size)
+    monkeypatch.setattr(lowp, "make_peer", make_peer)
+    cfg = config.Config(mode="quick", repeats=1, warmup=1, target_sample_s=2e-4,
+                        roof_bytes_per_array=1 << 20)
+    saved = torch.get_num_threads()
+    set_threads(1)
+    try:
+        res = lowp.scenario_lowp(cfg, 1, {}, np.random.default_rng(0))
+    finally:
+        set_threads(saved)
+    assert [r["tensors"] for r in res["cases"]] == [1, 132]
+    for r in res["cases"]:
+        assert set(r["results"]) == set(lowp.PEERS)
+        for peer, x in r["results"].items():
+            assert x["status"] in STATUSES
+            assert x["status"] == "ok" or peer == "deepspeed_offload", (peer, x)
+            if x["status"] == "ok":
+                assert x["min_s"] > 0 and x["gbps_min"] > 0 and x["roof_fraction"] > 0
+        assert r["roof_gbps"] > 0
+        mem = r["state_bytes_per_param"]
+        assert mem["torch_fused"] >= 8 and mem["torch_fused_bf16"] >= 4
+        assert mem["fastopt_offload"] == 8
+        for c in r["comparisons"]:
+            assert all(v["best"] > 0 and v["median"] > 0 for v in c["ratios"].values())
+    one, model = res["cases"]
+    res1 = one["results"]
+    assert res1["fastopt_8bit"]["bytes_per_element"] == 16 + 16 * 20 / 5000
+    assert res1["fastopt_8bit_bf16"]["bytes_per_element"] == 10 + 16 * 20 / 5000
+    assert res1["fastopt_bf16"]["bytes_per_element"] == 14
+    assert res1["fastopt_offload"]["bytes_per_element"] == 28
+    assert res1["torch_fused_copy"]["bytes_per_element"] == 30
+    # 8-bit state: codes, block scales and the two shared 256-entry maps
+    assert one["state_bytes_per_param"]["fastopt_8bit"] == \
+        pytest.approx(2 + 2 * 4 * 20 / 5000 + 2 * 1024 / 5000)
+    # the tiny model's tensors are all under 4,096 elements: float32 state
+    assert model["results"]["fastopt_8bit"]["bytes_per_element"] == 28
+    assert "bnb_8bit" in one["bnb_call"]["ratios"]
+    assert set(res["host_per_tensor"]) == set(lowp.HOST_PEERS)
+    md = "\n".join(report.SECTIONS["lowp"][1](res))
+    assert "bitsandbytes" in md and "Host cost per tensor" in md and "| configuration |" in md
+    # the offload step computes torch fused AdamW's update, its copy is that rounded
+    base = lowp._base([(3000,)], np.random.default_rng(1))
+    off = lowp._Offload(base, 1)
+    step, opt = real("torch_fused_upcast_copy", base, 1)
+    for _ in range(3):
+        off()
+        step()
+    p = opt.param_groups[0]["params"][0].detach()
+    np.testing.assert_allclose(off.params[0], p.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(off.copies[0].astype(np.float32),
+                                  torch.from_numpy(off.params[0]).bfloat16().float().numpy())

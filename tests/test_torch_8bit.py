@@ -469,3 +469,165 @@ def test_paged_state_warns_on_cpu_like_bitsandbytes():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             _train(opt, p, 1, 14)       # once per optimizer
+
+
+# ---------------------------------------------------------------------------
+# The replay: last step's tables while nothing changed, rebuilt when anything did
+# ---------------------------------------------------------------------------
+
+class _Spy:
+    """The engine, recording each call's (types, ptrs, lengths, check)."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run_segments(self, kernel, types, ptrs, lengths, args, nthreads, check, **kw):
+        self.calls.append((types, ptrs, lengths, check))
+        return self.engine.run_segments(kernel, types, ptrs, lengths, args, nthreads, check,
+                                        **kw)
+
+
+def _model(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(N, generator=gen)),               # 8-bit
+            torch.nn.Parameter(torch.randn(10, 10, generator=gen)),          # 32-bit
+            torch.nn.Parameter(torch.randn(N, generator=gen).bfloat16()),    # 8-bit, bf16
+            torch.nn.Parameter(torch.randn(3, N, generator=gen)),            # 8-bit
+            torch.nn.Parameter(torch.randn(5000, generator=gen))]            # 8-bit
+
+
+def _events(opt, ps, k, gen):
+    """Step k's changes (the same for twin optimizers)."""
+    for i, p in enumerate(ps):
+        if k == 3 and i == 3:
+            p.grad = None
+            continue
+        g = torch.randn(p.shape, generator=gen).to(p.dtype)
+        if k == 2 and p.grad is not None:
+            p.grad.copy_(g)              # the same gradient tensors, new values
+        elif k == 8 and i == 0:
+            p.grad = torch.randn(2 * p.numel(), generator=gen)[::2]   # not contiguous
+        else:
+            p.grad = g
+    st = opt.state
+    if k == 5:
+        st[ps[0]]["state1"] = st[ps[0]]["state1"].clone()
+    if k == 6:
+        st[ps[1]]["step"] = 10
+    if k == 7:
+        ps[0].data = ps[0].data.clone()
+    if k == 9:
+        opt.param_groups[1]["lr"] = 3e-3
+    if k == 10:
+        opt.load_state_dict(opt.state_dict())
+    if k == 11:
+        st[ps[4]] = {key: (v.clone() if isinstance(v, torch.Tensor) else v)
+                     for key, v in st[ps[4]].items()}
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "Lion8bit"])
+def test_replayed_steps_equal_checked_steps_through_every_change(name):
+    """An optimizer that replays its tables and one that checks and rebuilds every
+    step give the same bits, whatever changes between steps."""
+    a_ps, b_ps = _model(21), _model(21)
+    kw = {k: v for k, v in KWARGS[name].items() if k != "lr"}
+    a = getattr(ft, name)([{"params": a_ps[:2]}, {"params": a_ps[2:], "lr": 1e-3}],
+                          lr=1e-2, **kw)
+    b = getattr(ft, name)([{"params": b_ps[:2]}, {"params": b_ps[2:], "lr": 1e-3}],
+                          lr=1e-2, **kw)
+    a._engine = spy = _Spy(a._engine)
+    ga, gb = torch.Generator().manual_seed(22), torch.Generator().manual_seed(22)
+    replays = 0
+    for k in range(13):
+        _events(a, a_ps, k, ga)
+        _events(b, b_ps, k, gb)
+        before = a._cache is not None and a._replay_plans() is not None
+        replays += before
+        a.step()
+        b._cache = None          # b checks everything and rebuilds every step
+        b.step()
+        for p, q in zip(a_ps, b_ps):
+            assert torch.equal(p, q), (k, p.shape)
+            sa, sb = a.state[p], b.state[q]
+            assert sa.keys() == sb.keys()
+            for key, v in sa.items():
+                w = sb[key]
+                assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (k, key)
+    assert replays >= 4
+    assert spy.calls
+
+
+def test_a_replayed_step_is_one_call_per_run_over_the_same_table():
+    ps = _model(23)
+    opt = ft.AdamW8bit(ps, lr=1e-3)
+    opt._engine = spy = _Spy(opt._engine)
+    for p in ps:
+        p.grad = torch.randn(p.shape).to(p.dtype)
+    opt.step()
+    first = spy.calls[:]
+    # runs: (float32, 8-bit) with 3 tensors, (float32, 32-bit), (bf16, 8-bit)
+    assert sorted(len(c[2]) for c in first) == [1, 1, 3]
+    assert all(c[3] for c in first)            # the first tables are checked
+    spy.calls.clear()
+    opt.step()                                 # the same gradients: unchecked replay
+    assert [(c[1], c[2]) for c in spy.calls] == [(c[1], c[2]) for c in first]
+    assert not any(c[3] for c in spy.calls)
+    assert all(opt.state[p]["step"] == 2 for p in ps)
+    spy.calls.clear()
+    for p in ps:                               # backward's new gradients: checked
+        p.grad = torch.randn(p.shape).to(p.dtype)
+    opt.step()
+    assert all(c[1] is f[1] for c, f in zip(spy.calls, first))
+    assert all(c[3] for c in spy.calls)
+    for c in spy.calls:
+        rows = [next(i for i, p in enumerate(ps) if p.data_ptr() == a) for a in c[1][:, 0]]
+        assert c[1][:, 1].tolist() == [ps[i].grad.data_ptr() for i in rows]
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "SGD8bit"])
+def test_bad_gradient_after_replayed_steps_is_refused(name):
+    opt, good, bad = _two_params(name)
+    bad.grad = torch.randn(N)
+    opt.step()
+    good.grad, bad.grad = torch.randn(N), torch.randn(N)
+    opt.step()                                 # replayed
+    snap = _snapshot(opt)
+    bad.grad_dtype = None
+    bad.grad = torch.randn(N, dtype=torch.float64)
+    with pytest.raises(TypeError, match="param 1 of group 0 has a torch.float64 gradient"):
+        opt.step()
+    _unchanged(opt, snap)
+    bad.grad = torch.randn(N).to_sparse()
+    with pytest.raises(TypeError, match="param 1 of group 0 has a torch.sparse_coo gradient"):
+        opt.step()
+    _unchanged(opt, snap)
+    bad.grad = torch.randn(N)
+    t = opt.state[bad]["step"]
+    opt.state[bad]["step"] = float("nan")
+    with pytest.raises(ValueError, match="'step' must be a count"):
+        opt.step()
+    opt.state[bad]["step"] = t
+    _unchanged(opt, snap)
+
+
+def test_step_hooks_and_schedulers_still_run():
+    p = torch.nn.Parameter(torch.randn(N))
+    opt = ft.AdamW8bit([p], lr=1e-2)
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    post = opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        p.grad = torch.randn(N)
+        opt.step()
+        sched.step()
+    assert seen == ["pre", "post"] * 3 and opt.state[p]["step"] == 3
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 8)
+    pre.remove()
+    post.remove()
+    p.grad = torch.randn(N)
+    opt.step()
+    assert seen == ["pre", "post"] * 3 and opt.state[p]["step"] == 4

@@ -3,7 +3,7 @@ of peer labels. The bottom layer of ``fastopt.bench``: it imports no other part 
 
 The layers, each importing only those above it in this list:
 config -> machine -> timing -> roof -> peers -> lbfgs -> scenarios -> torch_model
--> accuracy -> grid -> cuda -> report -> cli.
+-> lowp -> accuracy -> grid -> cuda -> report -> cli.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ FULL_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 4_000_0
               16_000_000, 64_000_000)
 QUICK_SIZES = (1_000, 100_000, 1_000_000, 16_000_000)
 QUICK_RULES = ("Adam", "SGD", "Adagrad")
-SCENARIOS = ("overhead", "model", "lists", "threads", "denormal", "torch_model", "lbfgs")
+SCENARIOS = ("overhead", "model", "lists", "threads", "denormal", "torch_model", "lbfgs",
+             "lowp")
 # run only when named (--scenarios accuracy): minutes of training, not a timing
 OPT_IN_SCENARIOS = ("accuracy",)
 

@@ -12,7 +12,7 @@ from dataclasses import asdict
 import numpy as np
 
 import fastopt
-from fastopt.bench import accuracy, lbfgs
+from fastopt.bench import accuracy, lbfgs, lowp
 from fastopt.bench import roof as roof_mod
 from fastopt.bench import scenarios as S
 from fastopt.bench import torch_model
@@ -27,10 +27,10 @@ SCENARIO_RUNS = {"overhead": S.scenario_overhead, "model": S.scenario_model,
                  "lists": S.scenario_lists, "threads": S.scenario_threads,
                  "denormal": S.scenario_denormal,
                  "torch_model": torch_model.scenario_torch_model, "lbfgs": lbfgs.scenario,
-                 "accuracy": accuracy.scenario}
+                 "lowp": lowp.scenario_lowp, "accuracy": accuracy.scenario}
 # progress-bar work units of each scenario (a grid case costs its MB)
 SCENARIO_COST = {"overhead": 40, "model": 400, "lists": 300, "threads": 600, "denormal": 400,
-                 "torch_model": 500, "lbfgs": 600, "accuracy": 2000}
+                 "torch_model": 500, "lbfgs": 600, "lowp": 800, "accuracy": 2000}
 # scenarios that time nothing: a run of these alone measures no roof
 UNTIMED_SCENARIOS = ("accuracy",)
 

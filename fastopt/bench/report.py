@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from fastopt.bench import lowp
 from fastopt.bench.config import LABELS, label
 from fastopt.bench.scenarios import LIST_PEERS
 from fastopt.bench.torch_model import TORCH_MODEL_PEERS, TRAINING_PEERS
@@ -480,6 +481,7 @@ SECTIONS = {"overhead": ("Per-call overhead", _overhead_md),
             "lists": ("A list of arrays", _lists_md),
             "torch_model": ("torch model", _torch_model_md),
             "lbfgs": ("L-BFGS: one iteration", _lbfgs_md),
+            "lowp": ("Low precision", lowp.markdown),
             "accuracy": ("Accuracy", _accuracy_md)}
 
 

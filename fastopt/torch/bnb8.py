@@ -22,10 +22,15 @@ A step is one call of the compiled engine per run of parameters sharing (group,
 dtype, 8-bit or not, step count, maps): the engine dequantizes each block of 256
 elements to float32, runs the rule's float32 kernel on it and requantizes to the
 nearest code (``docs``: the low-precision storage spec, ``fastopt.quant`` its NumPy
-reference). The per-element update is the fastopt rule that computes bitsandbytes'
-(its CPU code): Adam8bit and AdamW8bit are fastopt's AdamW (bitsandbytes decays
-both decoupled), SGD8bit is SGD with momentum and no dampening, RMSprop8bit is
-RMSprop without momentum or centering, Adagrad8bit is Adagrad, Lion8bit is Lion.
+reference). The tables of addresses (params, gradients, codes, block scales) are
+built once and replayed while every parameter, state entry and step count is what
+the last step left: a replayed step reads each gradient's address, size, dtype and
+layout, rewrites the gradient column only when one moved, and costs one to two
+microseconds per tensor on the host. The per-element update is the fastopt rule
+that computes bitsandbytes' (its CPU code): Adam8bit and AdamW8bit are fastopt's
+AdamW (bitsandbytes decays both decoupled), SGD8bit is SGD with momentum and no
+dampening, RMSprop8bit is RMSprop without momentum or centering, Adagrad8bit is
+Adagrad, Lion8bit is Lion.
 
 Differences from bitsandbytes, all deliberate:
 
@@ -43,13 +48,15 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from collections import defaultdict
 from copy import deepcopy
-from itertools import chain
+from itertools import chain, repeat
 
 import numpy as np
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 from fastopt import backends, quant
 from fastopt.rules import RULES
@@ -63,10 +70,20 @@ QUANT_KEYS = frozenset({"qmap1", "qmap2", "max1", "max2", "new_max1", "new_max2"
                         "state2", "gnorm_vec", "absmax1", "absmax2", "unorm_vec"})
 NESTED = "__bnb_optimizer_quant_state__"
 
-_NP = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
-       torch.bfloat16: "bfloat16"}
+_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 _MAPS: dict = {}
+
+# C-level getters for the replay's checks (one map() call per column of a run)
+_is = operator.is_
+_grad = operator.attrgetter("grad")
+_dtype = operator.attrgetter("dtype")
+_nbytes = operator.attrgetter("nbytes")
+_ptr = torch.Tensor.data_ptr
+_contiguous = torch.Tensor.is_contiguous
+_step_of = operator.itemgetter("step")
+_setitem = operator.setitem
+_increment_version = torch._C._increment_version
 
 
 def dynamic_map(signed: bool) -> torch.Tensor:
@@ -156,6 +173,31 @@ def _check_args(args):
 
 
 # ---------------------------------------------------------------------------
+# What a step keeps for the next one
+# ---------------------------------------------------------------------------
+
+class _Run:
+    """One engine call's table, kept while nothing it was built from changes:
+    ``params`` (contiguous, non-empty, one row each), their state dicts ``sds``,
+    the addresses and byte sizes it was built from (``pp``, ``gcol``, ``nbytes``),
+    the identities of the state entries it reads (``getter`` over ``sds``, flat in
+    ``entries``) and the step count it last wrote (``t``)."""
+
+    __slots__ = ("params", "sds", "dtype", "t", "types", "ptrs", "lengths", "extra", "pp",
+                 "gcol", "nbytes", "getter", "entries", "checked")
+
+
+class _GroupCache:
+    """A group's params as last stepped (``params``), those that had no gradient
+    (``idle``) and its runs."""
+
+    __slots__ = ("group", "params", "idle", "runs")
+
+    def __init__(self, group, params, idle, runs):
+        self.group, self.params, self.idle, self.runs = group, params, idle, runs
+
+
+# ---------------------------------------------------------------------------
 # The base class
 # ---------------------------------------------------------------------------
 
@@ -174,7 +216,16 @@ class Optimizer8bit(torch.optim.Optimizer):
         self.is_paged = bool(is_paged)
         self._warned_paged = False
         self._engine = _engine()
+        self._init_caches()
         super().__init__(params, defaults)
+
+    def _init_caches(self):
+        self._cache = None      # [_GroupCache] of the last step, or None: rebuild
+        self._hp_cache = {}     # id(group) -> (group, raw values, hp)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._init_caches()
 
     # -- parameters --------------------------------------------------------------
     def add_param_group(self, param_group):
@@ -190,7 +241,7 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     @staticmethod
     def _check_param(p, where):
-        if p.dtype not in _NP:
+        if p.dtype not in _NAMES:
             raise TypeError(f"{where} has dtype {p.dtype}; fastopt's 8-bit optimizers "
                             "update float32, float16 and bfloat16 parameters")
         if p.layout != torch.strided:
@@ -200,9 +251,27 @@ class Optimizer8bit(torch.optim.Optimizer):
                              "on CPU tensors")
 
     def _plan_hypers(self, group):
-        """The registry row's hyperparameters for this group: checked as the
-        constructor checks them while they pass; a value set later that the
-        constructor would refuse (lr < 0, say) is used as given, as in torch."""
+        """The registry row's hyperparameters for this group, re-read when one of
+        the group's values changed (a tensor or a list, which can change in place,
+        every step)."""
+        try:
+            raw = (group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        except KeyError:
+            return self._read_hypers(group)   # raises as the constructor would
+        cached = self._hp_cache.get(id(group))
+        if cached is not None and cached[0] is group and cached[1] == raw:
+            return cached[2]
+        hp = self._read_hypers(group)
+        mutable = any(isinstance(v, (torch.Tensor, list)) or
+                      (isinstance(v, tuple) and
+                       any(isinstance(b, (torch.Tensor, list)) for b in v)) for v in raw)
+        self._hp_cache[id(group)] = (group, object() if mutable else raw, hp)
+        return hp
+
+    def _read_hypers(self, group):
+        """Checked as the constructor checks them while they pass; a value set
+        later that the constructor would refuse (lr < 0, say) is used as given, as
+        in torch."""
         values = self._hypers(group, strict=False)
         try:
             return self.rule.check_hypers(values)
@@ -293,14 +362,40 @@ class Optimizer8bit(torch.optim.Optimizer):
             raise ValueError(f"{where}: state 'qmap{k}' is not sorted ascending")
 
     # -- the step ----------------------------------------------------------------
-    @torch.no_grad()
+    def _patch_step_function(self) -> None:
+        # torch wraps step() for its hooks and profiler label at ~10 us a call;
+        # step() goes through that wrapper only when one is in use
+        self._zero_grad_profile_name = (
+            f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad")
+
     def step(self, closure=None):
         """One update of every parameter with a gradient; returns the closure's
         loss. Everything is checked before anything is written."""
+        if (_GLOBAL_PRE or _GLOBAL_POST or self._optimizer_step_pre_hooks or
+                self._optimizer_step_post_hooks or torch.autograd._profiler_enabled()):
+            return _hooked_step(self, closure)
+        return self._step(closure)
+
+    def _optimizer_step_code(self) -> None:
+        """torch's profiler hooks this after each step."""
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans = self._replay_plans() if self._cache is not None else None
+        if plans is not None:
+            self._replay(plans)
+            return loss
+        self._cache = None
+        with torch.no_grad():
+            self._full_step()
+        return loss
+
+    def _full_step(self):
+        """The first step, or a step after something changed: every parameter,
+        gradient and state entry checked, the runs built, run and kept."""
         work = []
         seen = set()
         for gi, group in enumerate(self.param_groups):
@@ -323,7 +418,8 @@ class Optimizer8bit(torch.optim.Optimizer):
                 items.append((p, self._check_state(p, st, where) if st else None))
             work.append((hp, items))
         _check_args(self.args)
-        for hp, items in work:
+        caches = []
+        for (hp, items), group in zip(work, self.param_groups):
             runs: dict = {}
             for p, known in items:
                 if known is None:
@@ -333,9 +429,89 @@ class Optimizer8bit(torch.optim.Optimizer):
                 eight, t = known
                 maps = (id(st.get("qmap1")), id(st.get("qmap2"))) if eight else ()
                 runs.setdefault((p.dtype, eight, t + 1, maps), []).append(p)
+            kept = []
             for (dtype, eight, t, _), params in runs.items():
-                self._run(hp, dtype, eight, t, params)
-        return loss
+                kept.append(self._run(hp, dtype, eight, t, params))
+            if caches is not None and None not in kept:
+                params = list(group["params"])
+                caches.append(_GroupCache(group, params,
+                                          [p for p in params if p.grad is None], kept))
+            else:
+                caches = None
+        # the next step replays these tables while nothing they were built from changes
+        self._cache = caches
+
+    # -- the replay ----------------------------------------------------------------
+    def _replay_plans(self):
+        """[(run, gradient addresses, new step, plan)] when every group, parameter,
+        state entry and step count is what the last step left (gradients may be new
+        tensors: their addresses, sizes, dtypes and layouts are read), else None: the
+        full check runs (and raises what is wrong)."""
+        cache = self._cache
+        groups = self.param_groups
+        if len(groups) != len(cache):
+            return None
+        _check_args(self.args)
+        state_get = self.state.get
+        plan = self.rule.plan
+        plans = []
+        try:
+            for group, gc in zip(groups, cache):
+                if group is not gc.group:
+                    return None
+                params = group["params"]
+                if len(params) != len(gc.params) or not all(map(_is, params, gc.params)):
+                    return None
+                if gc.idle and not all(map(_is, map(_grad, gc.idle), repeat(None))):
+                    return None
+                hp = None
+                for run in gc.runs:
+                    ps = run.params
+                    n = len(ps)
+                    grads = list(map(_grad, ps))
+                    gp = list(map(_ptr, grads))     # None, sparse: TypeError, RuntimeError
+                    if list(map(_ptr, ps)) != run.pp:
+                        return None
+                    nb = run.nbytes
+                    if list(map(_nbytes, ps)) != nb or list(map(_nbytes, grads)) != nb:
+                        return None
+                    dt = run.dtype
+                    if list(map(_dtype, ps)).count(dt) != n or \
+                            list(map(_dtype, grads)).count(dt) != n:
+                        return None
+                    if not all(map(_contiguous, ps)) or not all(map(_contiguous, grads)):
+                        return None
+                    sds = list(map(state_get, ps))
+                    if not all(map(_is, sds, run.sds)):
+                        return None
+                    if not all(map(_is, chain.from_iterable(map(run.getter, sds)),
+                                   run.entries)):
+                        return None
+                    steps = list(map(_step_of, sds))
+                    t = steps[0]
+                    if type(t) is not int or t < 0 or steps.count(t) != n:
+                        return None
+                    if hp is None:
+                        hp = self._plan_hypers(group)
+                    plans.append((run, gp, t + 1, plan(hp, t + 1, {}, False)[0]))
+        except (TypeError, RuntimeError, KeyError, AttributeError):
+            return None
+        return plans
+
+    def _replay(self, plans):
+        engine, kernel = self._engine, self.rule.kernel
+        nthreads = backends.num_threads()
+        for run, gp, t, args in plans:
+            if gp != run.gcol:      # gradients moved: rewrite their column, check again
+                run.ptrs[:, 1] = gp
+                run.gcol = gp
+                run.checked = False
+            engine.run_segments(kernel, run.types, run.ptrs, run.lengths, args, nthreads,
+                                not run.checked, **run.extra)
+            run.checked = True
+            _increment_version(run.params)
+            list(map(_setitem, run.sds, repeat("step"), repeat(t)))
+            run.t = t
 
     @staticmethod
     def _check_grad(p, g, where):
@@ -354,23 +530,29 @@ class Optimizer8bit(torch.optim.Optimizer):
 
     def _run(self, hp, dtype, eight, t, params):
         """One engine call over ``params`` (one row of addresses each), then their
-        step counts advance."""
+        step counts advance. Returns the run for the next step to replay, or None
+        when it stepped through copies (a non-contiguous tensor) or an empty one."""
         rule = self.rule
         args, _ = rule.plan(hp, t, {}, False)
         ncol = 2 + len(rule.buffers)
         keep, post = [], []
         rows, lengths, maxima = [], [], []
         qmaps = None
+        plain = True
         for p in params:
             st = self.state[p]
             n = p.numel()
             if n == 0:
+                plain = False
                 continue
             work = p
             if not p.is_contiguous():   # bitsandbytes' blocks run in logical order
                 work = p.contiguous()
                 post.append((p, work))
-            g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+            g = p.grad
+            if not g.is_contiguous():
+                g = g.contiguous()
+                plain = False
             keep.append(g)
             row = [work.data_ptr(), g.data_ptr()] + [0] * (ncol - 2)
             am = [0] * ncol
@@ -389,23 +571,43 @@ class Optimizer8bit(torch.optim.Optimizer):
                 for k in range(1, self.n_states + 1):
                     qmaps[1 + k] = st[f"qmap{k}"].numpy()
                 qmaps = tuple(qmaps)
+        run = None
         if rows:
-            state_type = "q8" if eight else np.dtype(np.float32)
-            pdt = _NP[dtype]
+            # storage types by name: the engine reads a name without numpy's dtype.name
+            state_type = "q8" if eight else "float32"
+            pdt = _NAMES[dtype]
             types = (pdt, pdt) + tuple(state_type if 2 <= c < 2 + self.n_states
-                                       else np.dtype(np.float32) for c in range(2, ncol))
+                                       else "float32" for c in range(2, ncol))
             ptrs = np.array(rows, dtype=np.uintp)
+            lengths = np.array(lengths, dtype=np.intp)
             extra = {}
             if eight:
                 extra = {"absmax": np.array(maxima, dtype=np.uintp), "qmaps": qmaps}
-            self._engine.run_segments(rule.kernel, types, ptrs,
-                                      np.array(lengths, dtype=np.intp), args,
+            self._engine.run_segments(rule.kernel, types, ptrs, lengths, args,
                                       backends.num_threads(), True, **extra)
             for dst, src in post:
                 dst.copy_(src)
-            torch._C._increment_version(params)
+            _increment_version(params)
+            if plain and not post:
+                run = _Run()
+                run.params = list(params)
+                run.sds = [self.state[p] for p in params]
+                run.dtype, run.t, run.types = dtype, t, types
+                run.ptrs, run.lengths, run.extra = ptrs, lengths, extra
+                run.pp = ptrs[:, 0].tolist()
+                run.gcol = ptrs[:, 1].tolist()
+                run.nbytes = [p.nbytes for p in params]
+                names = [f"state{k}" for k in range(1, self.n_states + 1)]
+                if eight:
+                    names += [f"{kind}{k}" for kind in ("absmax", "qmap")
+                              for k in range(1, self.n_states + 1)]
+                getter = operator.itemgetter(*names)
+                run.getter = getter if len(names) > 1 else (lambda sd: (getter(sd),))
+                run.entries = list(chain.from_iterable(map(run.getter, run.sds)))
+                run.checked = True
         for p in params:
             self.state[p]["step"] = t
+        return run
 
     # -- checkpoints, in bitsandbytes' layout -------------------------------------
     def state_dict(self):
@@ -486,6 +688,11 @@ class Optimizer8bit(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------
 # The classes
 # ---------------------------------------------------------------------------
+
+_GLOBAL_PRE = _torch_optimizer._global_optimizer_pre_hooks
+_GLOBAL_POST = _torch_optimizer._global_optimizer_post_hooks
+_hooked_step = torch.optim.Optimizer.profile_hook_step(Optimizer8bit._step)
+
 
 def _two_state_defaults(lr, betas, eps, weight_decay):
     return dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=0.0,
