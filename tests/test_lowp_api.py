@@ -426,21 +426,27 @@ def test_bad_input_is_named_and_writes_nothing(case, make, args, exc, words):
     assert opt.step_count == before[2] + 1
 
 
-def test_backend_without_storage_is_refused_by_name():
+def test_numba_backend_runs_the_same_storage_bitwise():
+    """The Numba backend runs the staged path too: the compiled backend's bits."""
     if not backends.available("numba"):
         pytest.skip("numba is not installed")
-    with pytest.raises(TypeError, match="numba backend does not run bfloat16"):
-        fastopt.Adam(np.zeros(10, BF16), backend="numba")
-    with pytest.raises(TypeError,
-                       match="numba backend does not run float32 params with 8-bit state"):
-        fastopt.AdamW8bit(np.zeros(5000, F32), backend="numba")
-    opt = fastopt.Adam(np.zeros(10, F32), backend="numba")
-    before = snapshot(opt)
-    with pytest.raises(TypeError, match="numba backend does not run copy_to"):
-        opt.step(np.ones(10, F32), copy_to=np.zeros(10, BF16))
-    with pytest.raises(TypeError, match="numba backend does not run a bfloat16 gradient"):
-        opt.step(np.ones(10, BF16))
-    assert unchanged(opt, before)
+    rng = np.random.default_rng(12)
+    p = draw(rng, 777, BF16)
+    g = [draw(rng, 777, BF16) for _ in range(3)]
+    out = []
+    was = fastopt.get_flush_denormals()
+    fastopt.set_flush_denormals(False)   # Numba never flushes
+    try:
+        for name in ("cython", "numba"):
+            opt = fastopt.AdamW(p.copy(), lr=0.01, bf16_stochastic_round=True, seed=5,
+                                backend=name)
+            copy = np.zeros(777, F16)
+            for gi in g:
+                opt.step(gi, copy_to=copy)
+            out.append((opt.param.copy(), copy))
+    finally:
+        fastopt.set_flush_denormals(was)
+    assert same(out[0][0], out[1][0]) and same(out[0][1], out[1][1])
 
 
 # ---------------------------------------------------------------------------

@@ -79,8 +79,8 @@ def quantize(x, q):
         inv = F32(1) / a if a > 0 else F32(0)
         with np.errstate(invalid="ignore"):
             y = np.clip(blk * inv, F32(-1), F32(1)).astype(F32)
+        y[np.isnan(y)] = 1            # a NaN clamps to 1 (docs/rules.md)
         c = np.searchsorted(bounds, y, side="left")
-        c[np.isnan(y)] = 255   # NaN clamps to 1: the top code
         codes[b * BLK:(b + 1) * BLK] = c
         am[b] = a
     return codes, am
@@ -732,8 +732,8 @@ def test_compiled_equals_cuda_simulator(ieee_compiled, cuda_be, kernel):
 
 def test_subnormal_absmax_follows_the_spec(ieee_compiled):
     """A block whose new absmax is subnormal: 1 / absmax overflows to inf, so x * inv
-    is +-inf, which the spec clamps to +-1 (code 255 for the largest element), in
-    every backend."""
+    is +-inf, which the spec clamps to +-1 (code 255 for the largest element), on
+    every backend (the compiled engine gave code 1 before it clamped)."""
     rule = RULES["SGD"]
     hp = rule.check_hypers({**rule.defaults, "momentum": 0.9, "lr": 0.1})
     args, _ = rule.plan(hp, 2, {}, False)

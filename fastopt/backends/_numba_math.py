@@ -622,10 +622,10 @@ def sr_call_key(seed, step):
 @register_jitable
 def q8_code(y, bounds):
     """The code of y in [-1, 1]: how many of the 255 sorted float32 midpoints are
-    below y (torch.bucketize: nearest code, ties to the lower one); NaN -> 255 (never
-    seen after q8_clamp, which sends NaN to 1)."""
+    below y (torch.bucketize: nearest code, ties to the lower one). NaN -> 0, not
+    reached: q8_clamp sends a NaN to 1."""
     if y != y:
-        return np.uint8(255)
+        return np.uint8(0)
     lo, hi = 0, 255                 # the answer is in [lo, hi]
     while lo < hi:
         mid = (lo + hi) >> 1
@@ -645,10 +645,12 @@ def q8_scale(am):
 
 @register_jitable
 def q8_clamp(y):
-    """y clamped to [-1, 1] as x86's minss then maxss do it: NaN becomes 1."""
+    # y clamped to [-1, 1], a NaN to 1 (the compiled engine's minss/maxss; a block
+    # holding a NaN has absmax NaN and decodes to NaN whatever its codes)
     one = np.float32(1)
-    y = y if y < one else one
-    return y if y > -one else -one
+    if y != y:
+        return one
+    return one if y > one else (-one if y < -one else y)
 
 
 def q8_bounds(qmap):
