@@ -20,6 +20,7 @@ from fastopt.lbfgs import LBFGS
 from fastopt.optimizers import OPTIMIZERS, Optimizer
 from fastopt.optimizers import *  # noqa: F401,F403  (Adam, SGD, ... from the registry)
 from fastopt.rules import RULES
+from fastopt.schedulefree import AdamWScheduleFree, SGDScheduleFree
 
 __version__ = "0.1.0"
 
@@ -61,4 +62,5 @@ def backend() -> str:
 
 __all__ = ["Optimizer", "LBFGS", "FlatParams", "functional", "schedules", "save", "load",
            "RULES", "set_num_threads", "get_num_threads", "set_flush_denormals",
-           "get_flush_denormals", "backend", *OPTIMIZERS]
+           "get_flush_denormals", "backend", *OPTIMIZERS,
+           "AdamWScheduleFree", "SGDScheduleFree"]

@@ -697,6 +697,16 @@ def _sf_scalars(s):
     _in_range("lr_max", s["lr_max"], -1.0, math.inf)
 
 
+def _sf_pow(base, exponent):
+    # base ≥ 0, any finite exponent: 0^−p is inf (Python raises ZeroDivisionError)
+    try:
+        return base ** exponent
+    except OverflowError:
+        return math.inf
+    except ZeroDivisionError:
+        return math.inf
+
+
 def schedulefree_weights(hp, t, weight_sum, lr_max):
     """(lr_t, c_t, new weight_sum, new lr_max) for step t (1-based), as the
     schedulefree package computes them: linear warmup over ``warmup_steps``,
@@ -706,7 +716,9 @@ def schedulefree_weights(hp, t, weight_sum, lr_max):
     lr_max = max(lr, lr_max)
     if lr_max < 0:
         raise ValueError(f"a negative learning rate ({lr}) has no averaging weight")
-    weight = _pow_up(float(t), hp["r"]) * _pow_up(lr_max, hp["weight_lr_power"])
+    lr_weight = _sf_pow(lr_max, hp["weight_lr_power"])
+    # 0 when γ is 0, even where t^r overflows (inf·0 would make Σw NaN for good)
+    weight = _sf_pow(float(t), hp["r"]) * lr_weight if lr_weight != 0 else 0.0
     weight_sum = weight_sum + weight
     ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
     return lr, ckp1, weight_sum, lr_max

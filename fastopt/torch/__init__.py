@@ -25,6 +25,7 @@ import torch
 from fastopt.rules import RULES, Rule
 from fastopt.torch.lbfgs import LBFGS
 from fastopt.torch.optimizer import DISPATCH_FLAGS, Optimizer, _plain
+from fastopt.torch.schedulefree import AdamWScheduleFree, SGDScheduleFree
 
 
 def _signature(rule: Rule):
@@ -82,4 +83,4 @@ def _make_class(rule: Rule):
 
 OPTIMIZERS = {name: _make_class(rule) for name, rule in RULES.items()}
 globals().update(OPTIMIZERS)
-__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS]
+__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS, "AdamWScheduleFree", "SGDScheduleFree"]
