@@ -21,6 +21,7 @@ from fastopt.optimizers import OPTIMIZERS, Optimizer
 from fastopt.optimizers import *  # noqa: F401,F403  (Adam, SGD, ... from the registry)
 from fastopt.rules import RULES
 from fastopt.schedulefree import AdamWScheduleFree, SGDScheduleFree
+from fastopt.sparse import SparseAdam
 
 __version__ = "0.1.0"
 
@@ -63,4 +64,4 @@ def backend() -> str:
 __all__ = ["Optimizer", "LBFGS", "FlatParams", "functional", "schedules", "save", "load",
            "RULES", "set_num_threads", "get_num_threads", "set_flush_denormals",
            "get_flush_denormals", "backend", *OPTIMIZERS,
-           "AdamWScheduleFree", "SGDScheduleFree"]
+           "AdamWScheduleFree", "SGDScheduleFree", "SparseAdam"]

@@ -26,6 +26,7 @@ from fastopt.rules import RULES, Rule
 from fastopt.torch.lbfgs import LBFGS
 from fastopt.torch.optimizer import DISPATCH_FLAGS, Optimizer, _plain
 from fastopt.torch.schedulefree import AdamWScheduleFree, SGDScheduleFree
+from fastopt.torch.sparse import SparseAdam
 
 
 def _signature(rule: Rule):
@@ -83,4 +84,5 @@ def _make_class(rule: Rule):
 
 OPTIMIZERS = {name: _make_class(rule) for name, rule in RULES.items()}
 globals().update(OPTIMIZERS)
-__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS, "AdamWScheduleFree", "SGDScheduleFree"]
+__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS, "AdamWScheduleFree", "SGDScheduleFree",
+           "SparseAdam"]
