@@ -22,6 +22,7 @@ from fastopt.optimizers import *  # noqa: F401,F403  (Adam, SGD, ... from the re
 from fastopt.rules import RULES
 from fastopt.schedulefree import AdamWScheduleFree, SGDScheduleFree
 from fastopt.sparse import SparseAdam
+from fastopt.muon import Muon
 
 __version__ = "0.1.0"
 
@@ -64,4 +65,4 @@ def backend() -> str:
 __all__ = ["Optimizer", "LBFGS", "FlatParams", "functional", "schedules", "save", "load",
            "RULES", "set_num_threads", "get_num_threads", "set_flush_denormals",
            "get_flush_denormals", "backend", *OPTIMIZERS,
-           "AdamWScheduleFree", "SGDScheduleFree", "SparseAdam"]
+           "AdamWScheduleFree", "SGDScheduleFree", "SparseAdam", "Muon"]

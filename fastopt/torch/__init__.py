@@ -27,6 +27,7 @@ from fastopt.torch.lbfgs import LBFGS
 from fastopt.torch.optimizer import DISPATCH_FLAGS, Optimizer, _plain
 from fastopt.torch.schedulefree import AdamWScheduleFree, SGDScheduleFree
 from fastopt.torch.sparse import SparseAdam
+from fastopt.torch.muon import Muon
 
 
 def _signature(rule: Rule):
@@ -85,4 +86,4 @@ def _make_class(rule: Rule):
 OPTIMIZERS = {name: _make_class(rule) for name, rule in RULES.items()}
 globals().update(OPTIMIZERS)
 __all__ = ["Optimizer", "LBFGS", *OPTIMIZERS, "AdamWScheduleFree", "SGDScheduleFree",
-           "SparseAdam"]
+           "SparseAdam", "Muon"]
