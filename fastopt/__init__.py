@@ -23,6 +23,7 @@ from fastopt.rules import RULES
 from fastopt.schedulefree import AdamWScheduleFree, SGDScheduleFree
 from fastopt.sparse import SparseAdam
 from fastopt.muon import Muon
+from fastopt.adafactor import Adafactor
 
 __version__ = "0.1.0"
 
@@ -65,4 +66,4 @@ def backend() -> str:
 __all__ = ["Optimizer", "LBFGS", "FlatParams", "functional", "schedules", "save", "load",
            "RULES", "set_num_threads", "get_num_threads", "set_flush_denormals",
            "get_flush_denormals", "backend", *OPTIMIZERS,
-           "AdamWScheduleFree", "SGDScheduleFree", "SparseAdam", "Muon"]
+           "AdamWScheduleFree", "SGDScheduleFree", "SparseAdam", "Muon", "Adafactor"]

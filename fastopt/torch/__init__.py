@@ -28,6 +28,7 @@ from fastopt.torch.optimizer import DISPATCH_FLAGS, Optimizer, _plain
 from fastopt.torch.schedulefree import AdamWScheduleFree, SGDScheduleFree
 from fastopt.torch.sparse import SparseAdam
 from fastopt.torch.muon import Muon
+from fastopt.torch.adafactor import Adafactor
 
 
 def _signature(rule: Rule):
@@ -86,4 +87,4 @@ def _make_class(rule: Rule):
 OPTIMIZERS = {name: _make_class(rule) for name, rule in RULES.items()}
 globals().update(OPTIMIZERS)
 __all__ = ["Optimizer", "LBFGS", *OPTIMIZERS, "AdamWScheduleFree", "SGDScheduleFree",
-           "SparseAdam", "Muon"]
+           "SparseAdam", "Muon", "Adafactor"]
