@@ -379,7 +379,7 @@ def test_bench_modules_import_only_downwards():
     import ast
     import pathlib
     layers = ["config", "machine", "timing", "roof", "peers", "lbfgs", "scenarios",
-              "torch_model", "grid", "cuda", "report", "cli", "__init__"]
+              "torch_model", "issue15", "grid", "cuda", "report", "cli", "__init__"]
     folder = pathlib.Path(P.__file__).parent
     assert {f.stem for f in folder.glob("*.py")} == set(layers)
     graph = {}
@@ -462,3 +462,21 @@ def test_numpy_peer_is_the_reference(rule):
         assert peer.scalars == ref_scalars and peer.state.keys() == ref_state.keys()
         for k in ref_state:
             np.testing.assert_array_equal(peer.state[k], ref_state[k])
+
+
+def test_issue15_scenarios_run_small(monkeypatch):
+    """The schedule-free, Adafactor, sparse and Muon scenarios on tiny sizes: every
+    peer runs, and fastopt's speedups are reported."""
+    pytest.importorskip("torch")
+    pytest.importorskip("schedulefree")
+    from fastopt.bench import issue15
+    monkeypatch.setattr(issue15, "SIZES", (4096,))
+    monkeypatch.setattr(issue15, "TABLE", (500, 8, 40, 10))
+    monkeypatch.setattr(issue15, "MUON_D", 16)
+    cfg = config.Config(mode="quick", repeats=1, warmup=1, target_sample_s=1e-4)
+    for name, run in issue15.SCENARIO_RUNS.items():
+        res = run(cfg, 1, {}, np.random.default_rng(0))
+        assert res["cases"], name
+        for case in res["cases"]:
+            assert all(r["status"] == "ok" for r in case["results"].values()), (name, case)
+            assert case["speedup"], name

@@ -19,7 +19,8 @@ FULL_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 4_000_0
               16_000_000, 64_000_000)
 QUICK_SIZES = (1_000, 100_000, 1_000_000, 16_000_000)
 QUICK_RULES = ("Adam", "SGD", "Adagrad")
-SCENARIOS = ("overhead", "model", "lists", "threads", "denormal", "torch_model", "lbfgs")
+SCENARIOS = ("overhead", "model", "lists", "threads", "denormal", "torch_model", "lbfgs",
+             "schedulefree", "adafactor", "sparse", "muon")
 
 # the rule's defaults (torch's) except where the default leaves work out: SGD is
 # benchmarked with momentum=0.9, the way it is used (plain SGD moves 12 bytes/element,

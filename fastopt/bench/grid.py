@@ -11,7 +11,7 @@ from dataclasses import asdict
 import numpy as np
 
 import fastopt
-from fastopt.bench import lbfgs
+from fastopt.bench import issue15, lbfgs
 from fastopt.bench import roof as roof_mod
 from fastopt.bench import scenarios as S
 from fastopt.bench import torch_model
@@ -29,6 +29,8 @@ SCENARIO_RUNS = {"overhead": S.scenario_overhead, "model": S.scenario_model,
 # progress-bar work units of each scenario (a grid case costs its MB)
 SCENARIO_COST = {"overhead": 40, "model": 400, "lists": 300, "threads": 600, "denormal": 400,
                  "torch_model": 500, "lbfgs": 600}
+SCENARIO_RUNS.update(issue15.SCENARIO_RUNS)   # schedulefree, adafactor, sparse, muon
+SCENARIO_COST.update(issue15.SCENARIO_COST)
 
 
 def new_document(cfg: Config, argv, peers, machine, device="cpu") -> dict:
