@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 from fastopt import backends
 from fastopt.rules import RULES
@@ -112,8 +113,32 @@ class _ScheduleFree(torch.optim.Optimizer):
                 group["train_mode"] = True
 
     # -- the step --------------------------------------------------------------------
-    @torch.no_grad()
+    def _patch_step_function(self) -> None:
+        # torch wraps step() for its hooks and profiler label at ~10 us a call;
+        # step() goes through that wrapper only when one is in use
+        self._zero_grad_profile_name = (
+            f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad")
+
     def step(self, closure=None):
+        """One training step (train mode only); returns the closure's loss."""
+        if (_GLOBAL_PRE or _GLOBAL_POST or self._optimizer_step_pre_hooks or
+                self._optimizer_step_post_hooks or torch.autograd._profiler_enabled()):
+            return _hooked_step(self, closure)
+        return self._step(closure)
+
+    def _hypers_cached(self, group) -> dict:
+        raw = tuple(group[h.name] for h in self._rule.hypers)
+        cache = self.__dict__.setdefault("_hp_cache", {})
+        hit = cache.get(id(group))
+        if hit is not None and hit[0] is group and hit[1] == raw:
+            return hit[2]
+        hp = self._hypers_of(group)
+        if not any(isinstance(v, (torch.Tensor, list)) for v in raw):
+            cache[id(group)] = (group, raw, hp)
+        return hp
+
+    @torch.no_grad()
+    def _step(self, closure=None):
         for gi, group in enumerate(self.param_groups):
             if not group["train_mode"]:
                 raise ScheduleFreeModeError(
@@ -127,7 +152,7 @@ class _ScheduleFree(torch.optim.Optimizer):
         # check every group before writing anything
         work = []
         for gi, group in enumerate(self.param_groups):
-            hp = self._hypers_of(group)
+            hp = self._hypers_cached(group)
             k = int(group["k"])
             args, new = self._rule.plan(hp, k + 1, {"weight_sum": float(group["weight_sum"]),
                                                      "lr_max": float(group["lr_max"])}, False)
@@ -150,7 +175,7 @@ class _ScheduleFree(torch.optim.Optimizer):
             work.append((group, hp, k, args, new, members))
         nthreads = backends.num_threads()
         be = backends.DEFAULT
-        adam = "exp_avg_sq" in self._rule.needed_buffers(self._rule.defaults)
+        adam = self._row == "ScheduleFreeAdamW"
         for group, hp, k, args, new, members in work:
             lr = hp["lr"] * ((k + 1) / hp["warmup_steps"] if k < hp["warmup_steps"] else 1.0)
             by_dtype: dict = {}
@@ -191,6 +216,11 @@ class _ScheduleFree(torch.optim.Optimizer):
             group["weight_sum"] = new["weight_sum"]
             group["lr_max"] = new["lr_max"]
         return loss
+
+
+_GLOBAL_PRE = _torch_optimizer._global_optimizer_pre_hooks
+_GLOBAL_POST = _torch_optimizer._global_optimizer_post_hooks
+_hooked_step = torch.optim.Optimizer.profile_hook_step(_ScheduleFree._step)
 
 
 class AdamWScheduleFree(_ScheduleFree):
