@@ -480,3 +480,5 @@ def test_issue15_scenarios_run_small(monkeypatch):
         for case in res["cases"]:
             assert all(r["status"] == "ok" for r in case["results"].values()), (name, case)
             assert case["speedup"], name
+        text = "\n".join(report.SECTIONS[name][1](res))
+        assert "fastopt.torch" in text and "error" not in text, text
