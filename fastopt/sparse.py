@@ -30,7 +30,7 @@ __all__ = ["SparseAdam", "coalesce_rows", "row_segments", "sparse_adam_plan"]
 _ADAM = RULES["Adam"]
 
 
-def check_sparse_adam_hypers(lr, betas, eps, maximize, types=(bool,)):
+def check_sparse_adam_hypers(lr, betas, eps, maximize):
     """torch.optim.SparseAdam's checks and messages (lr > 0, eps > 0: stricter than
     Adam's), each naming its argument."""
     hp = _ADAM.check_hypers({**_ADAM.defaults, "lr": lr, "betas": betas, "eps": eps,
