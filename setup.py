@@ -1,7 +1,7 @@
 """Builds the compiled kernels: fastopt/kernels/rules.pxi, twice.
 
 * ``fastopt.kernels._baseline``: the target's baseline instruction set, always.
-* ``fastopt.kernels._avx2``: -mavx2 -mfma, on x86-64 only; fastopt imports it
+* ``fastopt.kernels._avx2``: -mavx2 -mfma -mf16c, on x86-64 only; fastopt imports it
   only when the running CPU reports both (see csrc/fastopt_runtime.h).
 
 OpenMP is probed with a test compile; without it the kernels build
@@ -122,7 +122,7 @@ def _extensions():
                       **common)]
     if _is_x86():
         exts.append(Extension("fastopt.kernels._avx2", ["fastopt/kernels/_avx2.pyx"],
-                              extra_compile_args=["-mavx2", "-mfma"], **common))
+                              extra_compile_args=["-mavx2", "-mfma", "-mf16c"], **common))
     directives = dict(language_level=3, boundscheck=DEBUG, wraparound=DEBUG,
                       initializedcheck=DEBUG, cdivision=True, nonecheck=False,
                       embedsignature=True)

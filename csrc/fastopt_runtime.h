@@ -25,7 +25,8 @@ static inline int fastopt_max_threads(void) { return 1; }
 static inline int fastopt_cpu_has_avx2_fma(void) {
 #if FASTOPT_X86 && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+        && __builtin_cpu_supports("f16c");
 #else
     return 0;
 #endif

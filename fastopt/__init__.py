@@ -1,10 +1,14 @@
-"""fastopt: fused, single-pass optimizer update rules over float32/float64 arrays.
+"""fastopt: fused, single-pass optimizer update rules over float32/float64 arrays,
+and float16/bfloat16 arrays or 8-bit block-wise state on the compiled backend.
 
     import fastopt
     opt = fastopt.Adam(param, lr=1e-3)   # param: C-contiguous float32/float64 array, any shape
     opt.step(grad)                       # one fused kernel call, in place
     opt = fastopt.Adam([w1, b1, w2, b2]) # or a list of arrays: one call over all of them
     opt.step([g1, g2, g3, g4])
+    opt = fastopt.AdamW(w_bf16, bf16_stochastic_round=True)  # ml_dtypes.bfloat16 params
+    opt = fastopt.AdamW8bit(w)           # bitsandbytes' 8-bit state (2.03 bytes/param)
+    opt.step(g_bf16, copy_to=w_bf16)     # low-precision gradient in, param copy out
 
 Layers, top to bottom: ``fastopt.rules`` (the registry: math, names, defaults,
 checks, the kernels' calling convention) → ``fastopt.optimizers`` /
@@ -17,7 +21,7 @@ from fastopt import functional, schedules
 from fastopt.checkpoint import load, save
 from fastopt.flat import FlatParams
 from fastopt.lbfgs import LBFGS
-from fastopt.optimizers import OPTIMIZERS, Optimizer
+from fastopt.optimizers import OPTIMIZERS, OPTIMIZERS_8BIT, Optimizer, Optimizer8bit
 from fastopt.optimizers import *  # noqa: F401,F403  (Adam, SGD, ... from the registry)
 from fastopt.rules import RULES
 from fastopt.schedulefree import AdamWScheduleFree, SGDScheduleFree
@@ -65,5 +69,5 @@ def backend() -> str:
 
 __all__ = ["Optimizer", "LBFGS", "FlatParams", "functional", "schedules", "save", "load",
            "RULES", "set_num_threads", "get_num_threads", "set_flush_denormals",
-           "get_flush_denormals", "backend", *OPTIMIZERS,
+           "get_flush_denormals", "backend", "Optimizer8bit", *OPTIMIZERS, *OPTIMIZERS_8BIT,
            "AdamWScheduleFree", "SGDScheduleFree", "SparseAdam", "Muon", "Adafactor"]

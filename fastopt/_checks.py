@@ -11,6 +11,16 @@ from __future__ import annotations
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# what the optimizer classes step (by dtype name: bfloat16 is ml_dtypes' NumPy type):
+# float16/bfloat16 parameters and gradients run on the compiled engine's staged path
+PARAM_DTYPES = ("float32", "float64", "float16", "bfloat16")
+# the dtypes a parameter copy (``step(grad, copy_to=...)``) may have
+COPY_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _dtype_list(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 # The largest step count accepted from outside (+1): the per-step plans convert t to
 # float64, which a Python int beyond ~1.8e308 would overflow
@@ -37,17 +47,20 @@ def coerce(name: str, obj, backend):
     array shares its memory); a non-contiguous one has no such view: ValueError.
     """
     if obj is None:
-        raise TypeError(f"{name} must be a float32 or float64 array, got None")
+        raise TypeError(f"{name} must be a float32, float64, float16 or bfloat16 array, "
+                        "got None")
     if isinstance(obj, (list, tuple)):
         raise TypeError(f"{name} must be one array, got a {type(obj).__name__} of "
                         f"{len(obj)} items; an optimizer built from one array (or a "
                         "FlatParams) takes one gradient; build it from a list of arrays "
                         "to step several")
+    obj = _bf16_tensor_view(obj)
     try:
         arr = backend.as_array(obj)
     except TypeError as exc:
-        raise TypeError(f"{name} must be a float32 or float64 array (NumPy array of any "
-                        f"shape, buffer, or CPU tensor), got {_describe(obj)}: {exc}") from None
+        raise TypeError(f"{name} must be a float32, float64, float16 or bfloat16 array "
+                        f"(NumPy array of any shape, buffer, or CPU tensor), got "
+                        f"{_describe(obj)}: {exc}") from None
     if isinstance(arr, np.ndarray) and arr.ndim != 1:
         if not arr.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous (fastopt works on its flat "
@@ -57,11 +70,31 @@ def coerce(name: str, obj, backend):
     return arr
 
 
-def check_array(name: str, arr, *, writable: bool = True):
-    """dtype, dimensionality, layout and writability of one array."""
+def _bf16_tensor_view(obj):
+    """A CPU torch bfloat16 tensor as an ml_dtypes bfloat16 array sharing its memory
+    (torch's ``.numpy()`` has no bfloat16); anything else unchanged."""
+    if not (type(obj).__module__ or "").startswith("torch") or \
+            str(getattr(obj, "dtype", "")) != "torch.bfloat16":
+        return obj
+    try:
+        import ml_dtypes
+        import torch
+    except ImportError:
+        return obj
+    if obj.device.type != "cpu":
+        return obj
+    return obj.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+
+def check_array(name: str, arr, *, writable: bool = True, dtypes=None):
+    """dtype, dimensionality, layout and writability of one array. ``dtypes``: the
+    accepted dtype names (default float32 and float64)."""
     dtype = np.dtype(arr.dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
+    if dtypes is None:
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {dtype}")
+    elif dtype.name not in dtypes or not (dtype.isnative or dtype.itemsize == 1):
+        raise TypeError(f"{name} must have dtype {_dtype_list(dtypes)}, got {dtype}")
     shape = tuple(arr.shape)
     if len(shape) != 1:
         # host arrays arrive flat (coerce); device arrays are taken as they are
@@ -89,17 +122,22 @@ def _byte_range(arr):
     return ptr, ptr + arr.shape[0] * np.dtype(arr.dtype).itemsize
 
 
-def check_buffers(names, arrays):
+def check_buffers(names, arrays, dtypes=None):
     """Check ``arrays`` (param first, then grad and state; ``None`` = absent) as one
-    set: each array alone, then dtype and length against param, then overlap."""
+    set: each array alone, then dtype and length against param, then overlap.
+    ``dtypes``: the accepted dtype names (default float32 and float64); a float32
+    param may then take a float16 or bfloat16 gradient."""
     param = arrays[0]
     for k, (name, arr) in enumerate(zip(names, arrays)):
         if arr is None:
             continue
-        check_array(name, arr, writable=(name != "grad"))
+        check_array(name, arr, writable=(name != "grad"), dtypes=dtypes)
         if k == 0:
             continue
-        if np.dtype(arr.dtype) != np.dtype(param.dtype):
+        if dtypes is not None and name == "grad" and np.dtype(param.dtype) == np.float32 \
+                and np.dtype(arr.dtype).name in ("float16", "bfloat16"):
+            pass   # a narrower gradient for a float32 master
+        elif np.dtype(arr.dtype) != np.dtype(param.dtype):
             raise TypeError(f"{name} has dtype {np.dtype(arr.dtype)}, param has dtype "
                             f"{np.dtype(param.dtype)}; they must match")
         if arr.shape[0] != param.shape[0]:

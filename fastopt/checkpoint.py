@@ -2,8 +2,11 @@
 
 The file holds the state arrays under ``state/<name>`` (``state/<i>/<name>`` for the
 i-th array of an optimizer built from a list) and everything else as UTF-8 JSON in
-``meta``. ``save`` writes a temporary file in the same folder, flushes it to
-disk and renames it over the target, so a crash mid-save leaves the previous file.
+``meta``. ``.npz`` has no bfloat16 (ml_dtypes' type would be saved as raw void
+bytes): such an array is stored as its uint16 bits, and ``meta['dtypes']`` maps its
+entry to ``"bfloat16"``, so it reads back bit for bit. ``save`` writes a temporary
+file in the same folder, flushes it to disk and renames it over the target, so a
+crash mid-save leaves the previous file.
 """
 
 from __future__ import annotations
@@ -18,6 +21,31 @@ import numpy as np
 _META = "meta"
 _STATE = "state/"
 _KEYS = ("format", "rule", "dtype", "size", "step", "hyperparameters", "scalars")
+_OPTIONAL = ("seed",)
+_TAGGED = {"bfloat16": np.uint16}   # dtypes .npz cannot hold: stored as these bits
+
+
+def _stored(key, arr, tags):
+    arr = np.ascontiguousarray(arr)
+    name = arr.dtype.name
+    if name in _TAGGED:
+        tags[key] = name
+        return arr.view(_TAGGED[name])
+    return arr
+
+
+def _restored(key, arr, tags):
+    tag = tags.get(key)
+    if tag is None:
+        return arr
+    if tag not in _TAGGED or arr.dtype != _TAGGED[tag]:
+        raise ValueError(f"{key!r} is tagged {tag!r} but holds {arr.dtype}")
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ValueError(f"{key!r} holds {tag} state: reading it needs the ml_dtypes "
+                         "package") from None
+    return arr.view(getattr(ml_dtypes, tag))
 
 
 def save(state_dict: dict, path) -> None:
@@ -28,16 +56,21 @@ def save(state_dict: dict, path) -> None:
     if missing:
         raise ValueError(f"state_dict is missing {missing}")
     meta = {k: state_dict[k] for k in _KEYS}
+    meta.update({k: state_dict[k] for k in _OPTIONAL if state_dict.get(k) is not None})
     meta["hyperparameters"] = {k: list(v) if isinstance(v, tuple) else v
                                for k, v in meta["hyperparameters"].items()}
     state = state_dict["state"]
+    tags: dict = {}
     if isinstance(state, (list, tuple)):  # one dict per array
         meta["state"] = [sorted(st) for st in state]
-        arrays = {f"{_STATE}{i}/{name}": np.ascontiguousarray(arr)
+        arrays = {f"{_STATE}{i}/{name}": _stored(f"{_STATE}{i}/{name}", arr, tags)
                   for i, st in enumerate(state) for name, arr in st.items()}
     else:
         meta["state"] = sorted(state)
-        arrays = {_STATE + name: np.ascontiguousarray(arr) for name, arr in state.items()}
+        arrays = {_STATE + name: _stored(_STATE + name, arr, tags)
+                  for name, arr in state.items()}
+    if tags:
+        meta["dtypes"] = tags
     arrays[_META] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -68,12 +101,17 @@ def load(path) -> dict:
             if not isinstance(meta, dict) or any(k not in meta for k in _KEYS + ("state",)):
                 raise ValueError("'meta' lacks required keys")
 
+            tags = meta.get("dtypes", {})
+            if not isinstance(tags, dict):
+                raise ValueError("'meta' has a malformed 'dtypes' entry")
+
             def read(prefix, entries):
                 out = {}
                 for name in entries:
                     if prefix + name not in names:
                         raise ValueError(f"state array {prefix + name!r} is missing")
-                    out[name] = np.array(npz[prefix + name])  # reads and CRC-checks it
+                    # reads and CRC-checks it
+                    out[name] = _restored(prefix + name, np.array(npz[prefix + name]), tags)
                 return out
 
             listed = meta["state"]
@@ -88,6 +126,7 @@ def load(path) -> dict:
         raise ValueError(f"path {path!r} is not a valid fastopt checkpoint "
                          f"({type(exc).__name__}: {exc})") from None
     sd = {k: meta[k] for k in _KEYS}
+    sd.update({k: meta[k] for k in _OPTIONAL if k in meta})
     sd["hyperparameters"] = {k: tuple(v) if isinstance(v, list) else v
                              for k, v in meta["hyperparameters"].items()}
     sd["state"] = state

@@ -8,6 +8,10 @@ returns the rule's new scalar state as a dict (``{"mu_product": ...}`` for NAdam
 ``{"eta": ..., "mu": ...}`` for ASGD, ``{}`` otherwise). Scalar state is passed back
 in by keyword on the next call; on the first step it may be left out.
 
+``param`` and the state buffers are float32, float64, float16 or bfloat16 (ml_dtypes)
+arrays of one dtype; ``grad`` has the param's dtype, or float16/bfloat16 for a float32
+param (float32 arithmetic throughout, each stored value rounded once).
+
 Every call validates all of its arguments, then computes the per-step scalars
 (``Rule.plan``) and calls the backend's kernel. The optimizer classes run the same
 plan and the same kernel, bound to their buffers once (``backends.bind``).
@@ -19,7 +23,7 @@ import inspect
 import numbers
 
 from fastopt import backends
-from fastopt._checks import check_buffers, check_step, coerce
+from fastopt._checks import PARAM_DTYPES, check_buffers, check_step, coerce
 from fastopt.rules import RULES, Rule
 
 __all__ = [rule.name.lower() for rule in RULES.values()]
@@ -77,10 +81,21 @@ def _make(rule: Rule):
                                 f"got {value!r}")
             scalars[name] = float(value)
         rule.validate_scalars(scalars)
-        check_buffers(rule.arg_names, [param, grad] + buffers)
+        check_buffers(rule.arg_names, [param, grad] + buffers, PARAM_DTYPES)
         plan_args, new_scalars = rule.plan(hp, t, scalars, False)
-        getattr(backend, rule.kernel)(param, grad, *buffers, *plan_args,
-                                      backends.num_threads())
+        if param.dtype == grad.dtype and param.dtype.name in ("float32", "float64"):
+            getattr(backend, rule.kernel)(param, grad, *buffers, *plan_args,
+                                          backends.num_threads())
+        else:   # bf16/fp16 storage: float32 arithmetic, each stored value rounded once
+            try:
+                bound = backend.bind(rule.kernel, param, buffers, grad_dtype=grad.dtype)
+            except TypeError as exc:
+                if "grad_dtype" not in str(exc):
+                    raise
+                raise TypeError(f"{rule.name.lower()}(): the {backend.NAME} backend does "
+                                f"not step {param.dtype} params or {grad.dtype} gradients "
+                                "(backend='cython' does)") from None
+            bound.step(grad, tuple(plan_args), backends.num_threads())
         return dict(new_scalars) if rule.scalars else {}
 
     step_fn.__name__ = step_fn.__qualname__ = rule.name.lower()

@@ -59,7 +59,10 @@ BAD_GRADS = [
     ("float64 grad", lambda opt: np.ones(N, np.float64), TypeError, ["grad", "float64"]),
     ("int grad", lambda opt: np.ones(N, np.int64), TypeError, ["grad", "int64"]),
     ("complex grad", lambda opt: np.ones(N, np.complex64), TypeError, ["grad", "complex64"]),
-    ("float16 grad", lambda opt: np.ones(N, np.float16), TypeError, ["grad", "float16"]),
+    # (a float16 or bfloat16 grad for a float32 param is the CPU-offload step:
+    # tests/test_lowp_api.py)
+    ("float16 grad, 2 elements", lambda opt: np.ones(2, np.float16), ValueError,
+     ["grad", "2 elements"]),
     ("short grad", lambda opt: np.ones(N - 1, F32), ValueError, ["grad", str(N - 1), str(N)]),
     ("long grad", lambda opt: np.ones(N + 5, F32), ValueError, ["grad", str(N + 5)]),
     ("0-d grad", lambda opt: np.array(1.0, F32), ValueError, ["grad", "1 elements"]),
@@ -114,7 +117,9 @@ def test_bad_grad_on_every_backend(backend, case):
 
 BAD_PARAMS = [
     ("int", np.ones(N, np.int32), TypeError, ["param", "int32"]),
-    ("float16", np.ones(N, np.float16), TypeError, ["param", "float16"]),
+    # (float16 and bfloat16 params: tests/test_lowp_api.py)
+    ("uint16 (bfloat16 bits without ml_dtypes' type)", np.ones(N, np.uint16), TypeError,
+     ["param", "uint16"]),
     ("transposed 2-d", np.ones((4, 3)).T, ValueError, ["param", "contiguous", "(3, 4)"]),
     ("strided 3-d", np.ones((2, 3, 8))[:, :, ::2], ValueError,
      ["param", "contiguous", "(2, 3, 4)"]),

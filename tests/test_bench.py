@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastopt.bench import cli, config, grid, report, scenarios, torch_model
+from fastopt.bench import accuracy, cli, config, grid, report, scenarios, torch_model
 from fastopt.bench import peers as P
 from cases import kernel_paths
 from fastopt.rules import RULES
@@ -379,7 +379,7 @@ def test_bench_modules_import_only_downwards():
     import ast
     import pathlib
     layers = ["config", "machine", "timing", "roof", "peers", "lbfgs", "scenarios",
-              "torch_model", "issue15", "grid", "cuda", "report", "cli", "__init__"]
+              "torch_model", "accuracy", "optimizers", "grid", "cuda", "report", "cli", "__init__"]
     folder = pathlib.Path(P.__file__).parent
     assert {f.stem for f in folder.glob("*.py")} == set(layers)
     graph = {}
@@ -464,17 +464,17 @@ def test_numpy_peer_is_the_reference(rule):
             np.testing.assert_array_equal(peer.state[k], ref_state[k])
 
 
-def test_issue15_scenarios_run_small(monkeypatch):
+def test_optimizer_scenarios_run_small(monkeypatch):
     """The schedule-free, Adafactor, sparse and Muon scenarios on tiny sizes: every
     peer runs, and fastopt's speedups are reported."""
     pytest.importorskip("torch")
     pytest.importorskip("schedulefree")
-    from fastopt.bench import issue15
-    monkeypatch.setattr(issue15, "SIZES", (4096,))
-    monkeypatch.setattr(issue15, "TABLE", (500, 8, 40, 10))
-    monkeypatch.setattr(issue15, "MUON_D", 16)
+    from fastopt.bench import optimizers
+    monkeypatch.setattr(optimizers, "SIZES", (4096,))
+    monkeypatch.setattr(optimizers, "TABLE", (500, 8, 40, 10))
+    monkeypatch.setattr(optimizers, "MUON_D", 16)
     cfg = config.Config(mode="quick", repeats=1, warmup=1, target_sample_s=1e-4)
-    for name, run in issue15.SCENARIO_RUNS.items():
+    for name, run in optimizers.SCENARIO_RUNS.items():
         res = run(cfg, 1, {}, np.random.default_rng(0))
         assert res["cases"], name
         for case in res["cases"]:
@@ -482,3 +482,151 @@ def test_issue15_scenarios_run_small(monkeypatch):
             assert case["speedup"], name
         text = "\n".join(report.SECTIONS[name][1](res))
         assert "fastopt.torch" in text and "error" not in text, text
+
+
+# ---------------------------------------------------------------------------
+# The accuracy scenario (real training; tiny here)
+# ---------------------------------------------------------------------------
+
+def test_accuracy_scenario(tmp_path, capsys):
+    """--scenarios accuracy alone: no grid, no roof; a row per model x variant, the
+    features this install lacks reported as 'not available'; the Markdown says what
+    ran; the loss curves' PNG is written."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    rc = cli.main(["--scenarios", "accuracy", "--steps", "20", "--seeds", "1", "--no-bnb",
+                   "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "bench-accuracy.json").read_text())
+    assert doc["cases"] == [] and doc["roof"] == [] and list(doc["scenarios"]) == ["accuracy"]
+    sc = doc["scenarios"]["accuracy"]
+    assert "error" not in sc, sc
+    assert (sc["steps"], sc["seeds"], sc["final_window"]) == (20, [0], 10)
+    rows = {(r["model"], r["variant"]): r for r in sc["summary"]}
+    assert set(rows) == {(m, v) for m in accuracy.MODELS for v in accuracy.VARIANTS
+                         if v != "bnb_adamw8bit"}
+    for (m, v), r in rows.items():
+        assert r["status"] in {"ok", "not available"}, r
+        if r["status"] == "not available":
+            assert r["detail"]
+            continue
+        assert 0 < r["train_mean"] < 6 and 0 < r["heldout_mean"] < 6
+        run = next(x for x in sc["runs"] if (x["model"], x["variant"]) == (m, v))
+        assert len(run["train_curve"]) == 20 and run["eval_steps"][-1] == 20
+    for m in accuracy.MODELS:
+        assert rows[(m, "adamw_fp32")]["status"] == "ok"
+        # two float32 implementations of the same rule: the same losses after 20 steps
+        assert abs(rows[(m, "torch_adamw_fp32")]["rel_diff_train"]) < 1e-3
+    md = capsys.readouterr().out
+    assert "## Accuracy" in md and "20 steps per run, 1 seed(s) (0)" in md
+    assert md.splitlines()[2].count(" · ") == 2       # the machine line
+    assert (tmp_path / "bench-accuracy.png").stat().st_size > 10_000
+    assert "accuracy" not in config.Config().scenarios   # only when named
+
+
+def _variant(make, dtype="float32", criterion=None):
+    return accuracy.Variant("test", make, dtype, criterion)
+
+
+def test_accuracy_missing_features_are_reported(monkeypatch):
+    """A class or keyword this install lacks, or a dtype refused at the first step, is
+    'not available'; any other exception is an 'error' of that run alone."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    import torch
+
+    def no_class(params, hp):
+        import fastopt.torch as fot
+        return fot.NoSuchOptimizer8bit(params, **hp)
+
+    def no_keyword(params, hp):
+        return torch.optim.AdamW(params, **hp, no_such_keyword=True)
+
+    class RefusesAtStep(torch.optim.SGD):
+        def step(self, closure=None):
+            raise TypeError("bf16 parameters are not supported")
+
+    class Breaks(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("boom")
+    monkeypatch.setitem(accuracy.VARIANTS, "no_class", _variant(no_class))
+    monkeypatch.setitem(accuracy.VARIANTS, "no_keyword", _variant(no_keyword))
+    monkeypatch.setitem(accuracy.VARIANTS, "refuses", _variant(
+        lambda p, hp: RefusesAtStep(p, lr=hp["lr"]), dtype="bfloat16"))
+    monkeypatch.setitem(accuracy.VARIANTS, "breaks", _variant(
+        lambda p, hp: Breaks(p, lr=hp["lr"])))
+    for v, status, words in (("no_class", "not available", "NoSuchOptimizer8bit"),
+                             ("no_keyword", "not available", "no_such_keyword"),
+                             ("refuses", "not available", "first step"),
+                             ("breaks", "error", "boom")):
+        r = accuracy.run_one("cnn", v, 0, 3)
+        assert r["status"] == status and words in r["detail"], r
+    import fastopt
+    threads = torch.get_num_threads(), fastopt.get_num_threads()
+    r = accuracy.run_one("cnn", "adamw_fp32", 0, 3)
+    assert r["status"] == "ok"
+    assert (torch.get_num_threads(), fastopt.get_num_threads()) == threads   # restored
+
+
+def test_accuracy_runs_are_deterministic_in_any_process():
+    """A run depends only on (model, variant, seed, steps): the same losses in this
+    process and in a spawned worker (--jobs 2); another seed differs."""
+    pytest.importorskip("torch")
+    cfg = config.Config(accuracy_steps=3, accuracy_seeds=2, accuracy_models=["transformer"],
+                        accuracy_variants=["torch_adamw_fp32"], accuracy_jobs=2)
+    two = accuracy.scenario(cfg)
+    key = [(r["seed"], r["final_train_loss"], r["train_curve"], r["heldout_loss"])
+           for r in two["runs"]]
+    one = [accuracy.run_one("transformer", "torch_adamw_fp32", seed, 3) for seed in (0, 1)]
+    assert key == [(r["seed"], r["final_train_loss"], r["train_curve"], r["heldout_loss"])
+                   for r in one]
+    assert key[0][1] != key[1][1]        # seeds 0 and 1: other init and batches
+
+
+def test_accuracy_summary_verdicts():
+    """Mean ± std over seeds, relative difference of the means, paired per-seed
+    differences and the pass/fail against each variant's criterion."""
+    def run(v, seed, loss):
+        return {"model": "m", "variant": v, "seed": seed, "status": "ok",
+                "final_train_loss": loss, "heldout_loss": loss + 0.1,
+                "heldout_accuracy": 0.5, "seconds": 1.0, "seconds_per_step": 0.01}
+    runs = [run("adamw_fp32", 0, 2.0), run("adamw_fp32", 1, 2.2),
+            run("adamw8bit", 0, 2.01), run("adamw8bit", 1, 2.21),
+            run("bf16_sr", 0, 2.1), run("bf16_sr", 1, 2.3),
+            {"model": "m", "variant": "bf16", "seed": 0, "status": "not available",
+             "detail": "TypeError: no bf16"},
+            {"model": "m", "variant": "bf16", "seed": 1, "status": "not available",
+             "detail": "TypeError: no bf16"}]
+    rows = {r["variant"]: r for r in accuracy.summarize(
+        runs, ["m"], ["adamw_fp32", "adamw8bit", "bf16_sr", "bf16"], [0, 1])}
+    ref = rows["adamw_fp32"]
+    assert ref["train_mean"] == pytest.approx(2.1) and "pass" not in ref
+    assert ref["train_std"] == pytest.approx(np.std([2.0, 2.2], ddof=1))
+    assert rows["adamw8bit"]["rel_diff_train"] == pytest.approx(0.01 / 2.1)
+    assert rows["adamw8bit"]["pass"] is True
+    assert rows["bf16_sr"]["rel_diff_train"] == pytest.approx(0.1 / 2.1)
+    assert rows["bf16_sr"]["pass"] is False
+    assert rows["bf16_sr"]["paired_rel_diff_train_mean"] == pytest.approx(
+        (0.1 / 2.0 + 0.1 / 2.2) / 2)
+    assert rows["bf16"]["status"] == "not available" and "no bf16" in rows["bf16"]["detail"]
+    md = "\n".join(report._accuracy_md({
+        "steps": 5, "seeds": [0, 1], "jobs": 1, "elapsed_s": 1.0, "models": {},
+        "summary": list(rows.values()), "reference": "adamw_fp32", "final_window": 2,
+        "variants": {}}))
+    assert "| m | `adamw8bit` | 2.1100 ± 0.1414 | +0.48% |" in md
+    assert "**fail**" in md and "not available: TypeError: no bf16" in md
+
+
+def test_accuracy_cli_options():
+    args = cli.build_parser().parse_args(["--scenarios", "accuracy", "--steps", "50",
+                                          "--seeds", "2", "--no-bnb", "--jobs", "2"])
+    cfg = cli.config_from_args(args)
+    assert (cfg.mode, cfg.rules, cfg.scenarios) == ("accuracy", [], ["accuracy"])
+    assert (cfg.accuracy_steps, cfg.accuracy_seeds, cfg.accuracy_jobs) == (50, 2, 2)
+    assert "bnb_adamw8bit" not in cfg.accuracy_variants and "adamw8bit" in cfg.accuracy_variants
+    cfg = cli.config_from_args(cli.build_parser().parse_args(
+        ["--scenarios", "accuracy,overhead", "--rules", "Adam"]))
+    assert cfg.mode == "custom" and cfg.rules == ["Adam"]
+    for bad in (["--accuracy-variants", "adamw4bit"], ["--scenarios", "accuracy", "--steps", "0"]):
+        with pytest.raises(SystemExit):
+            cli.config_from_args(cli.build_parser().parse_args(bad))

@@ -781,13 +781,12 @@ def test_non_tensor_params_raise_type_error():
     assert_unchanged(before, snapshot(nn.ParameterList([ok]), None))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_half_precision_params_raise_type_error(dtype):
+def test_non_float_params_raise_type_error():
     ok = nn.Parameter(torch.randn(4))
-    half = nn.Parameter(torch.randn(4).to(dtype))
+    cplx = nn.Parameter(torch.randn(4, dtype=torch.complex64))
     before = snapshot(nn.ParameterList([ok]), None)
-    with pytest.raises(TypeError, match=str(dtype).replace("torch.", "")):
-        fot.AdamW([ok, half])
+    with pytest.raises(TypeError, match="complex64"):
+        fot.AdamW([ok, cplx])
     assert_unchanged(before, snapshot(nn.ParameterList([ok]), None))
 
 

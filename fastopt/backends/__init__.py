@@ -114,16 +114,18 @@ def for_array(obj, name: str | None = None):
     return load(name)
 
 
-def bind(backend, kernel: str, param, buffers):
+def bind(backend, kernel: str, param, buffers, **storage):
     """One array and its state, checked once: ``step(grad, args, nthreads)``."""
-    return backend.bind(kernel, param, buffers)
+    return backend.bind(kernel, param, buffers, **storage)
 
 
-def bind_many(backend, kernel: str, params, buffers, labels=None):
-    """Arrays of one dtype and their state (one tuple per array), stepped together:
-    ``step(grads, args, nthreads)``, or ``prepare(grads)`` then ``run(args,
-    nthreads)``. ``labels`` are the arrays' indices for messages."""
-    return backend.bind_many(kernel, params, buffers, labels)
+def bind_many(backend, kernel: str, params, buffers, labels=None, **storage):
+    """Arrays of one storage type and their state (one tuple per array), stepped
+    together: ``step(grads, args, nthreads, copies=None, sr_key=None)``, or
+    ``prepare(grads, copies, sr_key)`` then ``run(args, nthreads)``. ``labels`` are
+    the arrays' indices for messages; ``storage``: ``grad_dtype``, ``absmax``,
+    ``qmaps`` (see the compiled backend's ``bind_many``)."""
+    return backend.bind_many(kernel, params, buffers, labels, **storage)
 
 
 # One thread count for every CPU backend, read by each call (kernels take it as

@@ -458,3 +458,228 @@ def plan_of(kernel, args):
     """The per-step scalars as the kernel's plan namedtuple of floats (one compiled
     signature per dtype, whatever mix of ints, bools and floats the plan returns)."""
     return PLANS[kernel](*[float(a) for a in args])
+
+
+# --------------------------------------------------------------------------
+# Low-precision storage (issue 14, docs: /work/notes/lowp-spec.md): the element
+# conversions of the staged path. Everything is integer bit manipulation over
+# the float32's bits, so the CPU loops, the CUDA kernels and the simulator (plain
+# Python on NumPy scalars) round alike; the rules' float32 math is unchanged.
+# Integers are worked in int64 (Python ints under the simulator) and masked to
+# 32 bits after every product, so no unsigned-overflow or signedness question
+# arises on any target.
+# --------------------------------------------------------------------------
+
+BLK = 256            # elements per block of the staged path (and per q8 absmax)
+
+# type codes of a slot, constants of the compiled loops
+T_F32, T_F64, T_F16, T_BF16, T_Q8 = 0, 1, 2, 3, 4
+TYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "q8")
+
+
+def f32_bits(x):
+    """The bits of a float32 as a non-negative integer."""
+    return int(np.float32(x).view(np.uint32))
+
+
+def bits_f32(u):
+    """The float32 whose bits are the integer ``u`` (0 <= u < 2**32)."""
+    return np.uint32(u).view(np.float32)
+
+
+@overload(f32_bits, target="cpu")
+def _f32_bits_cpu(x):
+    return lambda x: _bitcast_i32(x) & 0xFFFFFFFF
+
+
+@overload(bits_f32, target="cpu")
+def _bits_f32_cpu(u):
+    return lambda u: _bitcast_f32(np.int32(np.uint32(u)))
+
+
+def _make_bitcasts():
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def bitcast_i32(typingctx, x):
+        if x != types.float32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.sext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+        return types.int64(x), codegen
+
+    @intrinsic
+    def bitcast_f32(typingctx, u):
+        if u != types.int32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.FloatType())
+        return types.float32(u), codegen
+    return bitcast_i32, bitcast_f32
+
+
+_bitcast_i32, _bitcast_f32 = _make_bitcasts()
+_DEVICE_BITCASTS = []
+
+
+def use_device_bitcasts():
+    """Register ``f32_bits``/``bits_f32`` for the CUDA target (libdevice's
+    ``float_as_int``/``int_as_float``); called by ``numba_cuda`` as
+    ``use_rounded_device_products`` is."""
+    if _DEVICE_BITCASTS:
+        return
+    from numba import types
+    from numba.cuda import libdevice
+
+    @overload(f32_bits, target="cuda")
+    def _f32_bits_cuda(x):
+        if x == types.float32:
+            return lambda x: np.int64(libdevice.float_as_int(x)) & 0xFFFFFFFF
+        return None
+
+    @overload(bits_f32, target="cuda")
+    def _bits_f32_cuda(u):
+        if isinstance(u, types.Integer):
+            return lambda u: libdevice.int_as_float(np.int32(np.uint32(u)))
+        return None
+
+    _DEVICE_BITCASTS.extend((_f32_bits_cuda, _bits_f32_cuda))
+
+
+@register_jitable
+def bf16_to_f32(h):
+    return bits_f32((int(h) & 0xFFFF) << 16)
+
+
+@register_jitable
+def f32_to_bf16(x):
+    # torch's c10::BFloat16 round-to-nearest-even; NaN -> 0x7FC0
+    if x != x:
+        return np.uint16(0x7FC0)
+    u = f32_bits(x)
+    return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+
+@register_jitable
+def f32_to_bf16_sr(x, r):
+    # stochastic rounding with 16 random bits r; NaN -> 0x7FC0
+    if x != x:
+        return np.uint16(0x7FC0)
+    return np.uint16((f32_bits(x) + r) >> 16)
+
+
+@register_jitable
+def f16_to_f32(h):
+    # exact widening of IEEE binary16 (subnormals, inf; a NaN keeps its payload and
+    # is quiet, as F16C's vcvtph2ps and C's (float) of a _Float16 make it)
+    h = int(h) & 0xFFFF
+    sign = (h & 0x8000) << 16
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0x1F:
+        if m != 0:
+            return bits_f32(sign | 0x7FC00000 | (m << 13))
+        return bits_f32(sign | 0x7F800000)
+    if e == 0:
+        if m == 0:
+            return bits_f32(sign)
+        e = 113                     # 127 - 14: the exponent of 2**-14, before normalising
+        while (m & 0x400) == 0:
+            m <<= 1
+            e -= 1
+        return bits_f32(sign | (e << 23) | ((m & 0x3FF) << 13))
+    return bits_f32(sign | ((e + 112) << 23) | (m << 13))
+
+
+@register_jitable
+def f32_to_f16(x):
+    # IEEE round-to-nearest-even (C _Float16, NumPy's astype(float16)); a NaN keeps
+    # the top of its payload and is quiet
+    u = f32_bits(x)
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a > 0x7F800000:
+        return np.uint16(sign | 0x7E00 | ((a & 0x7FFFFF) >> 13))
+    if a >= 0x477FF000:             # 65520 and up (ties to even: 65536) -> inf
+        return np.uint16(sign | 0x7C00)
+    if a >= 0x38800000:             # normal: 2**-14 and up
+        return np.uint16(sign | ((a + 0xFFF + ((a >> 13) & 1) - 0x38000000) >> 13))
+    if a <= 0x33000000:             # 2**-25 and below: ties to even -> 0
+        return np.uint16(sign)
+    shift = 126 - (a >> 23)         # 14..24
+    m = (a & 0x7FFFFF) | 0x800000
+    return np.uint16(sign | ((m + (1 << (shift - 1)) - 1 + ((m >> shift) & 1)) >> shift))
+
+
+@register_jitable
+def mix32(x):
+    x = int(x) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x ^= x >> 16
+    return x
+
+
+@register_jitable
+def sr_segment_key(key, s):
+    """The per-segment key of stochastic rounding: mix32(key ^ mix32(s + 0x9E3779B9))."""
+    return mix32(int(key) ^ mix32(int(s) + 0x9E3779B9))
+
+
+@register_jitable
+def sr_bits(ks, i):
+    """The 16 random bits of element i of the segment with key ks."""
+    return mix32(int(ks) ^ ((int(i) * 0x85EBCA6B) & 0xFFFFFFFF)) & 0xFFFF
+
+
+def sr_call_key(seed, step):
+    """A call's key from a seed and a step (both taken mod 2**32)."""
+    return mix32(int(seed) ^ mix32((int(step) * 0x27D4EB2F) & 0xFFFFFFFF))
+
+
+@register_jitable
+def q8_code(y, bounds):
+    """The code of y in [-1, 1]: how many of the 255 sorted float32 midpoints are
+    below y (torch.bucketize: nearest code, ties to the lower one); NaN -> 0."""
+    if y != y:
+        return np.uint8(0)
+    lo, hi = 0, 255                 # the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if bounds[mid] < y:
+            lo = mid + 1
+        else:
+            hi = mid
+    return np.uint8(lo)
+
+
+@register_jitable
+def q8_scale(am):
+    """1 / absmax, or 0 where absmax is 0 or NaN."""
+    one, zero = np.float32(1), np.float32(0)
+    return one / am if am > zero else zero
+
+
+@register_jitable
+def q8_clamp(y):
+    one = np.float32(1)
+    return one if y > one else (-one if y < -one else y)
+
+
+def q8_bounds(qmap):
+    """The 255 float32 midpoints of a sorted 256-entry map: (q[j] + q[j+1]) / 2,
+    the sum rounded to float32, then halved."""
+    q = np.asarray(qmap, dtype=np.float32)
+    return ((q[:-1] + q[1:]) / np.float32(2)).astype(np.float32)
+
+
+@register_jitable
+def abs_bits(x):
+    """|x|'s bits: they order as |x| does, and a NaN's are above every number's."""
+    return f32_bits(x) & 0x7FFFFFFF

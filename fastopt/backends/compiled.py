@@ -40,16 +40,26 @@ def max_threads():
     return _mod.max_threads()
 
 
-def bind(kernel, param, buffers):
-    """One array and its state: ``step(grad, args, nthreads)`` per call."""
-    return _mod.Bound(kernel, [param], [tuple(buffers)], True)
+def bind(kernel, param, buffers, *, grad_dtype=None, absmax=None, qmaps=None):
+    """One array and its state: ``step(grad, args, nthreads, copies=None,
+    sr_key=None)`` per call (the keywords: ``bind_many``'s)."""
+    return _mod.Bound(kernel, [param], [tuple(buffers)], True, None, grad_dtype,
+                      None if absmax is None else [tuple(absmax)], qmaps)
 
 
-def bind_many(kernel, params, buffers, labels=None):
-    """Arrays of one dtype and their state (one tuple per array), one call per step:
-    ``step(grads, args, nthreads)`` with one gradient per array (``labels``: the
-    arrays' indices in messages)."""
-    return _mod.Bound(kernel, params, [tuple(b) for b in buffers], False, labels)
+def bind_many(kernel, params, buffers, labels=None, *, grad_dtype=None, absmax=None,
+              qmaps=None):
+    """Arrays of one storage type and their state (one tuple per array), one call
+    per step: ``step(grads, args, nthreads, copies=None, sr_key=None)`` with one
+    gradient per array (``labels``: the arrays' indices in messages).
+    ``grad_dtype``: the gradients' dtype when it is not the params'; ``absmax``:
+    per array, the float32 block scales of its 8-bit (uint8) state buffers;
+    ``qmaps``: per state slot, its 256-entry map; ``copies``: arrays the new params
+    are written to (float32/float16/bfloat16); ``sr_key``: bf16 params round
+    stochastically with this 32-bit key."""
+    return _mod.Bound(kernel, params, [tuple(b) for b in buffers], False, labels,
+                      grad_dtype, None if absmax is None else [tuple(a) for a in absmax],
+                      qmaps)
 
 
 def _call(kernel, nbuf, param, grad, *rest):

@@ -86,6 +86,7 @@ if not _SIM:
     from numba.cuda.cudadrv import enums as _enums
     from numba.cuda.cudadrv.devicearray import DeviceNDArray as _NumbaArray
     M.use_rounded_device_products()
+    M.use_device_bitcasts()
 else:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _NumbaArray
 
@@ -360,8 +361,9 @@ else:
 
     def _addressing(addr, i, value):
         # the signatures both accessors accept: an integer address and index, a float
+        # (integers: the staged path's bf16/f16 bits and q8 codes)
         return (isinstance(addr, _types.Integer) and isinstance(i, _types.Integer)
-                and isinstance(value, _types.Float))
+                and isinstance(value, (_types.Float, _types.Integer)))
 
     def _element_pointer(context, builder, sig, args, ty):
         index = context.cast(builder, args[1], sig.args[1], _types.int64)
@@ -611,7 +613,14 @@ class Bound:
                                  "must be distinct")
 
     # -- the step ---------------------------------------------------------------
-    def step(self, grad, args, nthreads):
+    def step(self, grad, args, nthreads, copies=None, sr_key=None):
+        if copies is not None:
+            # a copy out: the staged path over the same arrays (no bf16 param here)
+            p = self.arrays[0]
+            bufs = tuple(None if a is p else a for a in self.arrays[1:])
+            SingleStaged(StagedSegmentBound(self.kernel, [p], [bufs])).step(
+                grad, args, nthreads, copies, sr_key)
+            return
         self.step_c(grad, M.plan_of(self.kernel, args))
 
     def check_grad(self, grad):
@@ -693,7 +702,8 @@ class SegmentBound:
 
     __slots__ = ("kernel", "rule", "names", "dtype", "device", "coefs", "present", "sizes",
                  "table", "d_table", "d_starts", "written", "labels", "arrays", "grid",
-                 "dispatcher", "grads", "stream", "torch_stream", "ready")
+                 "dispatcher", "grads", "stream", "torch_stream", "ready", "source", "twin",
+                 "deleg", "held")
 
     def __init__(self, kernel, params, buffers, labels=None):
         coefs, _, rule, names = M.RULES[kernel]
@@ -740,13 +750,24 @@ class SegmentBound:
         self.d_table = None
         self.grid = _blocks(int(starts[-1]), self.device) if starts[-1] else 1
         self.dispatcher = segment_kernel_for(kernel, self.present)
+        self.source = (params, [tuple(b) for b in buffers], labels)
+        self.twin = self.deleg = self.held = None
         self.grads = None
         self.stream = 0
         self.torch_stream = None
         self.ready = False
 
-    def prepare(self, grads):
+    def prepare(self, grads, copies=None, sr_key=None):
         self.ready = False
+        self.deleg = None
+        if copies is not None:
+            # a copy out: the staged path over the same arrays (its twin, kept; no
+            # bf16 param here, so sr_key changes nothing)
+            if self.twin is None:
+                self.twin = StagedSegmentBound(self.kernel, *self.source)
+            self.twin.prepare(grads, copies, sr_key)
+            self.deleg, self.ready = self.twin, True
+            return
         S.check_grad_list(grads, len(self.sizes), f"{self.rule}: ")
         ptrs = []
         stream = 0
@@ -773,11 +794,17 @@ class SegmentBound:
             handle = self.torch_stream(self.device).cuda_stream
             stream = _external_stream(handle) if handle else 0
         self.grads, self.stream, self.ready = ptrs, stream, True
+        self.held = grads   # alive until run: the table will hold their addresses
 
     def run(self, args, nthreads):
         if not self.ready:
             raise RuntimeError("run() without a successful prepare()")
         self.ready = False
+        if self.deleg is not None:
+            deleg, self.deleg = self.deleg, None
+            deleg.run(args, nthreads)
+            return
+        held, self.held = self.held, None  # noqa: F841 (alive through the launch)
         ptrs = np.asarray(self.grads, dtype=np.uint64)
         if self.d_table is None or not np.array_equal(self.table[:, 1], ptrs):
             self.table[:, 1] = ptrs
@@ -787,8 +814,8 @@ class SegmentBound:
         k = self.coefs(M.plan_of(self.kernel, args), self.dtype.type)
         self.dispatcher[self.grid, BLOCK_SIZE, self.stream](self.d_table, self.d_starts, k)
 
-    def step(self, grads, args, nthreads):
-        self.prepare(grads)
+    def step(self, grads, args, nthreads, copies=None, sr_key=None):
+        self.prepare(grads, copies, sr_key)
         self.run(args, nthreads)
 
 
@@ -811,9 +838,42 @@ def run_segments(kernel, dtype, ptrs, lengths, args, nthreads=1, check=True):
         cuda.to_device(table), cuda.to_device(starts), k)
 
 
-def bind(kernel, param, buffers):
-    """The optimizer classes' fast path (see the module docstring)."""
-    return Bound(kernel, param, buffers)
+def bind(kernel, param, buffers, *, grad_dtype=None, absmax=None, qmaps=None):
+    """The optimizer classes' fast path (see the module docstring); storage types
+    other than float32/float64 throughout (the keywords: ``bind_many``'s, ``absmax``
+    one tuple per state buffer) bind the staged path over one segment."""
+    plain = grad_dtype is None and absmax is None and qmaps is None
+    if plain:
+        try:
+            plain = _describe_lowp(M.RULES[kernel][2], "param", param, False)[3] in (
+                S.T_F32, S.T_F64)
+        except (TypeError, ValueError):
+            pass  # Bound words the error
+    if plain:
+        return Bound(kernel, param, buffers)
+    return SingleStaged(StagedSegmentBound(
+        kernel, [param], [tuple(buffers)], None, grad_dtype,
+        None if absmax is None else [tuple(absmax)], qmaps))
+
+
+class SingleStaged:
+    """One array's StagedSegmentBound with the one-array protocol: ``step(grad,
+    args, nthreads, copies=None, sr_key=None)`` with one gradient (and one copy)."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def prepare(self, grad, copies=None, sr_key=None):
+        self.inner.prepare([grad], None if copies is None else [copies], sr_key)
+
+    def run(self, args, nthreads):
+        self.inner.run(args, nthreads)
+
+    def step(self, grad, args, nthreads, copies=None, sr_key=None):
+        self.prepare(grad, copies, sr_key)
+        self.run(args, nthreads)
 
 
 def _call(kernel, nbuf, param, grad, *rest):
@@ -830,3 +890,428 @@ def _entry(kernel):
 
 # one entry per registry kernel: sgd, adam, ... (fastopt.rules.KERNELS)
 globals().update({k: _entry(k) for k in KERNELS})
+
+
+# --------------------------------------------------------------------------
+# Low-precision storage (issue 14, the staged path; the CPU twin is in numba_cpu).
+# One thread block per block of M.BLK elements of a segment (grid-stride over the
+# blocks of every segment, found by binary search in the prefix sums of the
+# segments' block counts): each thread loads its elements' slots to float32, runs
+# the rule's float32 element function and stores the written slots back to their
+# types; a q8 column's new values wait in shared memory, the block's absmax is a
+# shared-memory reduction (max is exact in any order; a NaN absmax is stored as
+# one NaN, 0x7FC00000, as on the CPU), then every thread stores its codes. The
+# slots' type codes, the copy's and the SR flag are kernel arguments (one compile
+# per rule, present buffers and threads per block).
+# --------------------------------------------------------------------------
+
+_F32 = np.float32(0)
+_U16 = np.uint16(0)
+_U8 = np.uint8(0)
+
+
+@cuda.jit(device=True)
+def _ld(t, addr, i, Q, col, am):
+    if t == M.T_BF16:
+        return M.bf16_to_f32(_load(addr, i, _U16))
+    if t == M.T_F16:
+        return M.f16_to_f32(_load(addr, i, _U16))
+    if t == M.T_Q8:
+        return M._mul(Q[col, _load(addr, i, _U8)], am)
+    return _load(addr, i, _F32)
+
+
+@cuda.jit(device=True)
+def _st(t, addr, i, x):
+    if t == M.T_BF16:
+        _store(addr, i, M.f32_to_bf16(x))
+    elif t == M.T_F16:
+        _store(addr, i, M.f32_to_f16(x))
+    else:
+        _store(addr, i, x)
+
+
+def _make_staged_kernel(element, h0, h1, h2, NT):
+    digest = M.SOURCE_DIGEST  # in the closure, hence in the cache key (see _numba_math)
+    BLK = M.BLK
+    Q8 = M.T_Q8
+    f32 = numba.float32
+
+    @cuda.jit(device=True)
+    def q8_block(addr, aaddr, blk, base, sh, c, m, B, col, red, tid):
+        # max |x| as the maximum of |x|'s bits (the compiled engine's: exact in any
+        # order, and a NaN's bits are above every number's)
+        part = 0
+        for t in range(tid, m, NT):
+            a = M.abs_bits(sh[c, t])
+            part = a if a > part else part
+        red[tid] = part
+        cuda.syncthreads()
+        step = 1
+        while step < NT:
+            if tid % (2 * step) == 0 and tid + step < NT:
+                a = red[tid + step]
+                if a > red[tid]:
+                    red[tid] = a
+            cuda.syncthreads()
+            step *= 2
+        am = M.bits_f32(red[0])
+        inv = M.q8_scale(am)
+        for t in range(tid, m, NT):
+            _store(addr, base + t, M.q8_code(M.q8_clamp(M._mul(sh[c, t], inv)), B[col]))
+        if tid == 0:
+            _store(aaddr, blk, am)
+        cuda.syncthreads()   # red and sh are reused by the next column or block
+
+    @cuda.jit(cache=not _SIM)
+    def kernel(P, A, Q, B, C, starts, bstarts, tp, ct, sr, key, k):
+        digest  # noqa: B018 (kept in the closure on purpose)
+        sh = cuda.shared.array((3, BLK), dtype=f32)
+        red = cuda.shared.array(NT, dtype=numba.int64)
+        tid = cuda.threadIdx.x
+        nseg = P.shape[0]
+        t0, t1, t2, t3, t4 = tp[0], tp[1], tp[2], tp[3], tp[4]
+        q0, q1, q2 = h0 and t2 == Q8, h1 and t3 == Q8, h2 and t4 == Q8
+        for b in range(cuda.blockIdx.x, bstarts[nseg], cuda.gridDim.x):
+            lo, hi = 0, nseg - 1
+            while lo < hi:  # the segment holding block b
+                mid = (lo + hi + 1) >> 1
+                if bstarts[mid] <= b:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            s = lo
+            blk = b - bstarts[s]
+            base = blk * BLK
+            m = starts[s + 1] - starts[s] - base
+            m = BLK if m > BLK else m  # (builtin min does not type here on CUDA)
+            m0 = _load(A[s, 2], blk, _F32) if q0 else _F32
+            m1 = _load(A[s, 3], blk, _F32) if q1 else _F32
+            m2 = _load(A[s, 4], blk, _F32) if q2 else _F32
+            ks = M.sr_segment_key(key, s) if sr else 0
+            for t in range(tid, m, NT):
+                i = base + t
+                pi = _ld(t0, P[s, 0], i, Q, 0, _F32)
+                gi = _ld(t1, P[s, 1], i, Q, 1, _F32)
+                a0 = _ld(t2, P[s, 2], i, Q, 2, m0) if h0 else pi
+                a1 = _ld(t3, P[s, 3], i, Q, 3, m1) if h1 else pi
+                a2 = _ld(t4, P[s, 4], i, Q, 4, m2) if h2 else pi
+                pi, a0, a1, a2 = element(pi, gi, a0, a1, a2, k, h0, h1, h2)
+                # the param as stored (what a copy out is made of: the compiled
+                # engine's)
+                if t0 == M.T_BF16:
+                    h = M.f32_to_bf16_sr(pi, M.sr_bits(ks, i)) if sr else M.f32_to_bf16(pi)
+                    _store(P[s, 0], i, h)
+                    cv = M.bf16_to_f32(h)
+                elif t0 == M.T_F16:
+                    h = M.f32_to_f16(pi)
+                    _store(P[s, 0], i, h)
+                    cv = M.f16_to_f32(h)
+                else:
+                    _store(P[s, 0], i, pi)
+                    cv = pi
+                if ct >= 0:
+                    _st(ct, C[s], i, cv)
+                if q0:
+                    sh[0, t] = a0
+                elif h0:
+                    _st(t2, P[s, 2], i, a0)
+                if q1:
+                    sh[1, t] = a1
+                elif h1:
+                    _st(t3, P[s, 3], i, a1)
+                if q2:
+                    sh[2, t] = a2
+                elif h2:
+                    _st(t4, P[s, 4], i, a2)
+            if q0 or q1 or q2:
+                cuda.syncthreads()
+                if q0:
+                    q8_block(P[s, 2], A[s, 2], blk, base, sh, 0, m, B, 2, red, tid)
+                if q1:
+                    q8_block(P[s, 3], A[s, 3], blk, base, sh, 1, m, B, 3, red, tid)
+                if q2:
+                    q8_block(P[s, 4], A[s, 4], blk, base, sh, 2, m, B, 4, red, tid)
+    return kernel
+
+
+_STAGED_KERNELS: dict = {}
+
+
+def staged_kernel_for(kernel, present, threads=None):
+    """The staged kernel of rule ``kernel`` for the presence flags ``present`` and
+    ``threads`` threads per block (BLOCK_SIZE when None)."""
+    threads = int(BLOCK_SIZE if threads is None else threads)
+    key = (kernel, tuple(bool(h) for h in present), threads)
+    k = _STAGED_KERNELS.get(key)
+    if k is None:
+        k = _STAGED_KERNELS[key] = _make_staged_kernel(M.RULES[kernel][1], *key[1], threads)
+    return k
+
+
+def _staged_launch(kernel, codes, ct, sr, key, present, table, am, Q, B, cp, starts, args,
+                   stream=0, dev=0):
+    """One staged launch over host-side tables (copied to the device here)."""
+    coefs = M.RULES[kernel][0]
+    lengths = np.diff(starts)
+    nblk = (lengths + M.BLK - 1) // M.BLK
+    bstarts = np.concatenate(([0], np.cumsum(nblk))).astype(np.int64)
+    total = int(bstarts[-1])
+    if total == 0:
+        return
+    cap = _device_blocks(dev)
+    if MAX_BLOCKS is not None:
+        cap = min(cap, MAX_BLOCKS) if not _SIM else MAX_BLOCKS
+    grid = max(1, min(total, cap))
+    k = coefs(M.plan_of(kernel, args), np.float32)
+    d = cuda.to_device
+    staged_kernel_for(kernel, present)[grid, BLOCK_SIZE, stream](
+        d(table), d(am), d(Q), d(B), d(cp), d(starts), d(bstarts),
+        tuple(int(t) for t in codes), int(ct), bool(sr), int(key) & 0xFFFFFFFF, k)
+
+
+_run_segments_plain = run_segments
+
+
+def run_segments(kernel, dtype, ptrs, lengths, args, nthreads=1, check=True, *,
+                 absmax=None, qmaps=None, copy=None, copy_dtype=None, sr_key=None):
+    """The CPU backends' ``run_segments`` for device addresses (see numba_cpu's for
+    the low-precision arguments): the tables are copied to the device and one kernel
+    is launched on the default stream."""
+    names = M.RULES[kernel][3]
+    codes = S.slot_codes(dtype, names)
+    ct = None if copy is None else S.type_code(
+        np.float32 if copy_dtype is None else copy_dtype, "copy_dtype")
+    sr = sr_key is not None and codes[0] == S.T_BF16   # as numba_cpu.run_segments
+    present = S.table_of(ptrs, lengths, names, 1, False)[2]
+    S.check_codes(codes, present, names, ct, sr, "copy_dtype")
+    if S.is_uniform(codes, present, ct, sr):
+        dt = np.float32 if codes[0] == S.T_F32 else np.float64
+        _run_segments_plain(kernel, np.dtype(dt), ptrs, lengths, args, nthreads, check)
+        return
+    table, starts, present, am, cp = S.staged_table(ptrs, lengths, names, codes, absmax,
+                                                    copy, ct, check)
+    Q, B = S.qmap_tables(qmaps, codes, present, names)
+    _staged_launch(kernel, S.effective_codes(codes, present), -1 if ct is None else ct, sr,
+                   sr_key or 0, present, table, am, Q, B, cp, starts, args)
+
+
+_TORCH_CODES = {"torch.float32": S.T_F32, "torch.float64": S.T_F64,
+                "torch.float16": S.T_F16, "torch.bfloat16": S.T_BF16, "torch.uint8": S.T_Q8}
+_TYPESTR_CODES = {"<f4": S.T_F32, "<f8": S.T_F64, "<f2": S.T_F16, "<V2": S.T_BF16,
+                  "|u1": S.T_Q8, "<u1": S.T_Q8}
+
+
+def _describe_lowp(rule, name, x, writable):
+    """(array, pointer, length, type code, interface or None) of a device array of
+    any storage type (a torch tensor's read directly: torch gives no interface for
+    bfloat16)."""
+    if x is None:
+        raise TypeError(f"{rule}: {name} must be an array, got None")
+    if _is_torch(x) and getattr(x, "is_cuda", False):
+        x = _plain(x)
+        code = _TORCH_CODES.get(str(x.dtype))
+        if code is None:
+            raise TypeError(f"{rule}: {name} has dtype {x.dtype}, not a storage type")
+        if x.dim() != 1 or not x.is_contiguous():
+            raise ValueError(f"{rule}: {name} must be a C-contiguous 1-D array")
+        return x, x.data_ptr(), x.shape[0], code, None
+    if not _is_device(x):
+        raise TypeError(f"{rule}: {name} must be a CUDA array (__cuda_array_interface__), "
+                        f"got {type(x).__name__}")
+    desc = _interface(_plain(x))
+    dt = getattr(x, "dtype", None)
+    try:
+        code = S.type_code(dt, name) if isinstance(dt, np.dtype) else None
+    except TypeError:
+        code = None
+    if code is None:
+        code = _TYPESTR_CODES.get(desc["typestr"])
+    if code is None:
+        raise TypeError(f"{rule}: {name} has typestr {desc['typestr']}, not a storage type")
+    shape, strides = tuple(desc["shape"]), desc.get("strides")
+    isz = S.ITEMSIZE[code]
+    if len(shape) != 1 or (strides is not None and shape[0] > 1 and tuple(strides) != (isz,)):
+        raise ValueError(f"{rule}: {name} must be a C-contiguous 1-D array, got shape "
+                         f"{shape} with strides {strides}")
+    ptr, readonly = desc["data"]
+    if writable and readonly:
+        raise ValueError(f"{rule}: {name} is read-only")
+    return x, ptr, shape[0], code, desc
+
+
+class StagedSegmentBound:
+    """numba_cpu.StagedBound for device arrays: per-column storage types, q8 state
+    with its block maxima and maps, ``step(grads, args, nthreads, copies=None,
+    sr_key=None)``; one staged launch per step (all-float32/float64 without copy or
+    SR: the plain segment kernel)."""
+
+    def __init__(self, kernel, params, buffers, labels=None, grad_dtype=None, absmax=None,
+                 qmaps=None):
+        coefs, _, rule, names = M.RULES[kernel]
+        self.kernel, self.rule, self.names = kernel, rule, names
+        params, buffers = list(params), [tuple(b) for b in buffers]
+        self.labels = list(range(len(params))) if labels is None else list(labels)
+        lab = lambda slot, s: f"{names[slot]}[{self.labels[s]}]"  # noqa: E731
+        codes = [None] * len(names)
+        table = np.zeros((len(params), S.NSLOT), dtype=np.uint64)
+        am = np.zeros((len(params), S.NSLOT), dtype=np.uint64)
+        sizes, ranges, keep = [], [], []
+        for s, slot, a in S.slots(params, buffers, len(names) - 2):
+            x, ptr, n, code, _ = _describe_lowp(rule, lab(slot, s), a, True)
+            if codes[slot] is None:
+                codes[slot] = code
+            elif code != codes[slot]:
+                raise TypeError(f"{rule}: {lab(slot, s)} has dtype {S.TYPE_NAMES[code]}, "
+                                f"{lab(slot, 0)} has dtype {S.TYPE_NAMES[codes[slot]]}; "
+                                "one column has one type")
+            if slot == 0:
+                sizes.append(n)
+            elif n != sizes[s]:
+                raise ValueError(f"{rule}: {lab(slot, s)} has {n} elements, {lab(0, s)} "
+                                 f"has {sizes[s]}")
+            table[s, slot] = ptr
+            ranges.append((ptr, s * S.NSLOT + slot, ptr + n * S.ITEMSIZE[code],
+                           lab(slot, s)))
+            keep.append(x)
+            if code == S.T_Q8:
+                m = None
+                try:
+                    m = absmax[s][slot - 2]
+                except (TypeError, IndexError, KeyError):
+                    pass
+                if m is None:
+                    raise ValueError(f"{rule}: {lab(slot, s)} is q8 and has no absmax array")
+                mx, mptr, mn, mcode, _ = _describe_lowp(rule, f"absmax of {lab(slot, s)}",
+                                                        m, True)
+                if mcode != S.T_F32:
+                    raise TypeError(f"{rule}: the absmax of {lab(slot, s)} must be float32")
+                nblk = (n + M.BLK - 1) // M.BLK
+                if mn != nblk:
+                    raise ValueError(f"{rule}: the absmax of {lab(slot, s)} has {mn} "
+                                     f"entries; {n} elements make {nblk} blocks of {M.BLK}")
+                am[s, slot] = mptr
+                ranges.append((mptr, s * S.NSLOT + slot, mptr + 4 * mn,
+                               f"absmax of {lab(slot, s)}"))
+                keep.append(mx)
+        self.present = S.present_slots(table)
+        codes[1] = codes[0] if grad_dtype is None else S.type_code(grad_dtype, "grad_dtype")
+        self.codes = tuple(c if c is not None else S.T_F32 for c in codes)
+        S.check_codes(self.codes, self.present, names)
+        self.Q, self.B = S.qmap_tables(qmaps, self.codes, self.present, names)
+        self.ranges = [r for r in ranges if r[2] > r[0]]
+        try:
+            self.written = S.Written(self.ranges)
+        except ValueError as exc:
+            raise ValueError(f"{rule}: {exc}") from None
+        self.table, self.am, self.sizes, self.arrays = table, am, sizes, keep
+        self.starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        self.copy = np.zeros(len(params), dtype=np.uint64)
+        self.copy_code = None
+        self.stream = 0
+        self.sr_key = self.held = None
+        self.ready = False
+
+    def prepare(self, grads, copies=None, sr_key=None):
+        """Check the gradients and the copies (nothing is written); ``run`` launches."""
+        self.ready = False
+        rule = self.rule
+        S.check_grad_list(grads, len(self.sizes), f"{rule}: ")
+        written, ct = self.written, None
+        if copies is not None:
+            if not isinstance(copies, (list, tuple)) or len(copies) != len(self.sizes):
+                raise ValueError(f"{rule}: copy_to must be a list of {len(self.sizes)} "
+                                 "arrays (one per param)")
+            extra = []
+            for s, c in enumerate(copies):
+                label = f"copy_to[{self.labels[s]}]"
+                _, ptr, n, code, _ = _describe_lowp(rule, label, c, True)
+                if ct is None:
+                    ct = code
+                elif code != ct:
+                    raise TypeError(f"{rule}: {label} has dtype {S.TYPE_NAMES[code]}; "
+                                    f"every copy must have the first one's "
+                                    f"{S.TYPE_NAMES[ct]}")
+                if n != self.sizes[s]:
+                    raise ValueError(f"{rule}: {label} has {n} elements, param has "
+                                     f"{self.sizes[s]}")
+                extra.append((ptr, s * S.NSLOT + S.NSLOT, ptr + n * S.ITEMSIZE[code], label))
+                self.copy[s] = ptr
+            S.check_codes(self.codes, self.present, self.names, ct)
+            try:
+                written = S.Written(self.ranges + [r for r in extra if r[2] > r[0]])
+            except ValueError as exc:
+                raise ValueError(f"{rule}: {exc}") from None
+        stream = 0
+        for s, g in enumerate(grads):
+            label = f"grad[{self.labels[s]}]"
+            _, ptr, n, code, desc = _describe_lowp(rule, label, g, False)
+            if code != self.codes[1]:
+                raise TypeError(f"{rule}: {label} has dtype {S.TYPE_NAMES[code]}, the call "
+                                f"expects {S.TYPE_NAMES[self.codes[1]]} gradients")
+            if n != self.sizes[s]:
+                raise ValueError(f"{rule}: {label} has {n} elements, param has "
+                                 f"{self.sizes[s]}")
+            try:
+                written.check_read(ptr, ptr + n * S.ITEMSIZE[code], label)
+            except ValueError as exc:
+                raise ValueError(f"{rule}: {exc}") from None
+            self.table[s, 1] = ptr
+            if s == 0 and desc is not None:
+                stream = _stream_of(desc)
+        if grads and _is_torch(grads[0]):
+            import torch
+            handle = torch.cuda.current_stream(grads[0].device).cuda_stream
+            stream = _external_stream(handle) if handle else 0
+        self.copy_code, self.stream, self.sr_key, self.ready = ct, stream, sr_key, True
+        self.held = (grads, copies)   # alive until run: the table holds their addresses
+
+    def run(self, args, nthreads):
+        if not self.ready:
+            raise RuntimeError("run() without a successful prepare()")
+        self.ready = False
+        sr_key = self.sr_key
+        sr = sr_key is not None and self.codes[0] == S.T_BF16
+        ct = self.copy_code
+        held, self.held = self.held, None  # noqa: F841 (alive through the launch)
+        if S.is_uniform(self.codes, self.present, ct, sr):
+            dt = np.dtype(np.float32 if self.codes[0] == S.T_F32 else np.float64)
+            table, starts = cuda.to_device(self.table), cuda.to_device(self.starts)
+            if self.starts[-1]:
+                k = M.RULES[self.kernel][0](M.plan_of(self.kernel, args), dt.type)
+                segment_kernel_for(self.kernel, self.present)[
+                    _blocks(int(self.starts[-1]), 0), BLOCK_SIZE, self.stream](table, starts,
+                                                                                k)
+            return
+        _staged_launch(self.kernel, S.effective_codes(self.codes, self.present),
+                       -1 if ct is None else ct, sr, sr_key or 0, self.present, self.table,
+                       self.am, self.Q, self.B, self.copy, self.starts, args, self.stream)
+
+    def step(self, grads, args, nthreads, copies=None, sr_key=None):
+        self.prepare(grads, copies, sr_key)
+        self.run(args, nthreads)
+
+
+_bind_many_plain = bind_many
+
+
+def bind_many(kernel, params, buffers, labels=None, *, grad_dtype=None, absmax=None,
+              qmaps=None):
+    """Arrays on one GPU: float32 or float64 throughout binds SegmentBound; other
+    storage types (float16, bfloat16, q8 state with ``absmax``/``qmaps``, a
+    ``grad_dtype`` of its own) bind StagedSegmentBound."""
+    params = list(params)
+    rule, names = M.RULES[kernel][2], M.RULES[kernel][3]
+    plain = grad_dtype is None and absmax is None and qmaps is None
+    if plain:
+        for s, slot, a in S.slots(params, buffers, len(names) - 2):
+            try:
+                code = _describe_lowp(rule, names[slot], a, False)[3]
+            except (TypeError, ValueError):
+                break  # SegmentBound words the error
+            if code not in (S.T_F32, S.T_F64):
+                plain = False
+                break
+    if plain:
+        return _bind_many_plain(kernel, params, buffers, labels)
+    return StagedSegmentBound(kernel, params, buffers, labels, grad_dtype, absmax, qmaps)

@@ -6,8 +6,9 @@ import argparse
 import os
 import sys
 
-from fastopt.bench import cuda, report
-from fastopt.bench.config import PEERS, SCENARIOS, full_config, quick_config
+from fastopt.bench import accuracy, cuda, report
+from fastopt.bench.config import (OPT_IN_SCENARIOS, PEERS, SCENARIOS, full_config,
+                                  quick_config)
 from fastopt.bench.grid import run
 from fastopt.rules import RULES
 
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", type=_name_list,
                    help=f"subset of {','.join(PEERS)}")
     p.add_argument("--scenarios", type=_name_list,
-                   help=f"subset of {','.join(SCENARIOS)}, or 'none'")
+                   help=f"subset of {','.join(SCENARIOS)}, or 'none' (default: all of "
+                        f"these); {','.join(OPT_IN_SCENARIOS)} runs only when named "
+                        "(alone, it skips the grid and writes bench-accuracy.*)")
     p.add_argument("--repeats", type=int, help="timed samples per peer per case")
     p.add_argument("--warmup", type=int, help="untimed steps per peer before timing")
     p.add_argument("--sample-ms", type=float, help="target duration of one sample (ms)")
@@ -84,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the lbfgs scenario (default float32)")
     p.add_argument("--model-scale", type=float,
                    help="width multiplier of the model scenario (default 1: ~16 M parameters)")
+    acc = p.add_argument_group("accuracy scenario (real training; see "
+                               "fastopt/bench/accuracy.py)")
+    acc.add_argument("--steps", type=int, help="training steps per run (default 2000)")
+    acc.add_argument("--seeds", type=int,
+                     help="number of seeds, from --seed on (default 3)")
+    acc.add_argument("--accuracy-models", type=_name_list,
+                     help=f"subset of {','.join(accuracy.MODELS)}")
+    acc.add_argument("--accuracy-variants", type=_name_list,
+                     help=f"subset of {','.join(accuracy.VARIANTS)}")
+    acc.add_argument("--no-bnb", action="store_true",
+                     help="leave out bnb_adamw8bit (bitsandbytes is slow on CPU: about "
+                          "4x the time of the other variants)")
+    acc.add_argument("--jobs", type=int,
+                     help="runs in parallel processes, one thread each (default 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: fastopt's CUDA backend against torch fused/foreach on the "
                         "GPU (Adam, AdamW, SGD, Adagrad; 1e3..2^28 elements, bounded by "
@@ -117,7 +134,27 @@ def config_from_args(args):
         cfg.peers = _known("peer(s)", args.peers, list(PEERS))
     if args.scenarios:
         cfg.scenarios = _known("scenario(s)", [] if args.scenarios == ["none"]
-                               else args.scenarios, list(SCENARIOS))
+                               else args.scenarios, list(SCENARIOS + OPT_IN_SCENARIOS))
+        if (cfg.scenarios == ["accuracy"] and not (args.quick or args.full)
+                and not args.rules and not args.sizes):
+            cfg.mode, cfg.rules = "accuracy", []   # the training alone
+    if args.steps is not None:
+        cfg.accuracy_steps = args.steps
+    if args.seeds is not None:
+        cfg.accuracy_seeds = args.seeds
+    if args.steps is not None and args.steps < 1 or args.seeds is not None and args.seeds < 1:
+        raise SystemExit("fastopt bench: --steps and --seeds must be at least 1")
+    if args.accuracy_models:
+        cfg.accuracy_models = _known("accuracy model(s)", args.accuracy_models,
+                                     list(accuracy.MODELS))
+    if args.accuracy_variants:
+        cfg.accuracy_variants = _known("accuracy variant(s)", args.accuracy_variants,
+                                       list(accuracy.VARIANTS))
+    if args.no_bnb:
+        cfg.accuracy_variants = [v for v in cfg.accuracy_variants or accuracy.VARIANTS
+                                 if v != "bnb_adamw8bit"]
+    if args.jobs is not None:
+        cfg.accuracy_jobs = max(1, args.jobs)
     if args.repeats:
         cfg.repeats = args.repeats
     if args.warmup is not None:
@@ -146,7 +183,8 @@ def output_paths(out: str, mode: str) -> dict:
         stem = out[:-5]
     else:
         stem = os.path.join(out, f"bench-{mode}")
-    return {"json": stem + ".json", "md": stem + ".md", "png": stem + ".png"}
+    return {"json": stem + ".json", "md": stem + ".md", "png": stem + ".png",
+            "accuracy_png": stem + "-accuracy.png"}
 
 
 def main(argv=None) -> int:
@@ -178,6 +216,13 @@ def write_outputs(doc, cfg, mode) -> int:
             print(f"fastopt bench: {msg}", file=sys.stderr)
         else:
             written.append(paths["png"])
+        if doc["cases"] and doc.get("scenarios", {}).get("accuracy", {}).get("summary"):
+            # the grid took the main PNG: the loss curves get their own
+            msg = report.plot_accuracy(doc, paths["accuracy_png"])
+            if msg:
+                print(f"fastopt bench: {msg}", file=sys.stderr)
+            else:
+                written.append(paths["accuracy_png"])
     sys.stdout.write(md)
     sys.stdout.flush()
     print(f"fastopt bench: wrote {', '.join(written)} in {doc['elapsed_s']:.1f} s",

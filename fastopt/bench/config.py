@@ -3,7 +3,7 @@ of peer labels. The bottom layer of ``fastopt.bench``: it imports no other part 
 
 The layers, each importing only those above it in this list:
 config -> machine -> timing -> roof -> peers -> lbfgs -> scenarios -> torch_model
--> grid -> cuda -> report -> cli.
+-> accuracy -> grid -> cuda -> report -> cli.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ FULL_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 4_000_0
 QUICK_SIZES = (1_000, 100_000, 1_000_000, 16_000_000)
 QUICK_RULES = ("Adam", "SGD", "Adagrad")
 SCENARIOS = ("overhead", "model", "lists", "threads", "denormal", "torch_model", "lbfgs",
-             "schedulefree", "adafactor", "sparse", "muon")
+             "schedulefree", "adafactor", "sparse")
+# run only when named (--scenarios accuracy): minutes of training, not a timing;
+# muon: torch.optim.Muon's bfloat16 Newton-Schulz takes ~10 s a layer on a CPU
+# without bf16 units
+OPT_IN_SCENARIOS = ("accuracy", "muon")
 
 # the rule's defaults (torch's) except where the default leaves work out: SGD is
 # benchmarked with momentum=0.9, the way it is used (plain SGD moves 12 bytes/element,
@@ -71,6 +75,11 @@ class Config:
     model_scale: float = 1.0        # width multiplier of the model scenario's shapes
     lbfgs_cases: list = field(default_factory=list)  # (n, history); empty: by mode
     lbfgs_dtype: str = "float32"
+    accuracy_steps: int = 2000      # training steps per run of the accuracy scenario
+    accuracy_seeds: int = 3         # seeds cfg.seed, cfg.seed + 1, ...
+    accuracy_models: list = field(default_factory=list)    # empty: all
+    accuracy_variants: list = field(default_factory=list)  # empty: all
+    accuracy_jobs: int = 1          # runs in parallel processes, one thread each
     out: str = "bench-out"
     plot: bool = True
     progress: bool | None = None
@@ -78,14 +87,8 @@ class Config:
     hypers: dict = field(default_factory=lambda: dict(BENCH_HYPERS))
 
 
-# scenarios --quick leaves out unless asked for: torch.optim.Muon's bfloat16
-# Newton-Schulz takes ~10 s a step for one layer on a CPU without bf16 units
-SLOW_SCENARIOS = ("muon",)
-
-
 def quick_config() -> Config:
-    return Config(mode="quick", warmup=1,
-                  scenarios=[s for s in SCENARIOS if s not in SLOW_SCENARIOS])
+    return Config(mode="quick", warmup=1)
 
 
 def full_config() -> Config:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import sys
 import time
 from dataclasses import asdict
 
 import numpy as np
 
 import fastopt
-from fastopt.bench import issue15, lbfgs
+from fastopt.bench import accuracy, lbfgs, optimizers
 from fastopt.bench import roof as roof_mod
 from fastopt.bench import scenarios as S
 from fastopt.bench import torch_model
@@ -25,12 +26,15 @@ from fastopt.rules import get_rule
 SCENARIO_RUNS = {"overhead": S.scenario_overhead, "model": S.scenario_model,
                  "lists": S.scenario_lists, "threads": S.scenario_threads,
                  "denormal": S.scenario_denormal,
-                 "torch_model": torch_model.scenario_torch_model, "lbfgs": lbfgs.scenario}
+                 "torch_model": torch_model.scenario_torch_model, "lbfgs": lbfgs.scenario,
+                 "accuracy": accuracy.scenario}
 # progress-bar work units of each scenario (a grid case costs its MB)
 SCENARIO_COST = {"overhead": 40, "model": 400, "lists": 300, "threads": 600, "denormal": 400,
-                 "torch_model": 500, "lbfgs": 600}
-SCENARIO_RUNS.update(issue15.SCENARIO_RUNS)   # schedulefree, adafactor, sparse, muon
-SCENARIO_COST.update(issue15.SCENARIO_COST)
+                 "torch_model": 500, "lbfgs": 600, "accuracy": 2000}
+# scenarios that time nothing: a run of these alone measures no roof
+UNTIMED_SCENARIOS = ("accuracy",)
+SCENARIO_RUNS.update(optimizers.SCENARIO_RUNS)   # schedulefree, adafactor, sparse, muon
+SCENARIO_COST.update(optimizers.SCENARIO_COST)
 
 
 def new_document(cfg: Config, argv, peers, machine, device="cpu") -> dict:
@@ -133,8 +137,16 @@ def run(cfg: Config, argv=None) -> dict:
                 doc["roof"].append(r)
                 roofs[(th, d)] = max(roofs.get((th, d), 0.0), r["gbps"])
             bar.update("", 25)
+
+    def log(msg):   # the accuracy scenario's one line per training run
+        if bar.enabled:
+            bar.update(msg)
+        elif cfg.progress is None:
+            print(msg, file=sys.stderr, flush=True)
+    timed = bool(grid) or any(s not in UNTIMED_SCENARIOS for s in cfg.scenarios)
     try:
-        measure_roofs("start")
+        if timed:
+            measure_roofs("start")
         for (r, d, n, th) in grid:
             set_threads(th)
             bar.update(f"{r} {d} n={n:.0e} threads={th}")
@@ -144,12 +156,14 @@ def run(cfg: Config, argv=None) -> dict:
             set_threads(threads[-1])
             bar.update(f"scenario: {name}")
             try:
-                doc["scenarios"][name] = SCENARIO_RUNS[name](cfg, threads[-1], roofs, rng)
+                kw = {"log": log} if name == "accuracy" else {}
+                doc["scenarios"][name] = SCENARIO_RUNS[name](cfg, threads[-1], roofs, rng, **kw)
             except Exception as exc:  # report, keep the rest of the run
                 doc["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}"}
             bar.update(f"scenario: {name}", SCENARIO_COST[name])
             gc.collect()
-        measure_roofs("end")
+        if timed:
+            measure_roofs("end")
     finally:
         set_threads(saved_threads)
         roof_mod.release_probes()

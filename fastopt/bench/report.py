@@ -103,8 +103,9 @@ def markdown(doc) -> str:
         out += [f"**Warning:** the 1-minute load average was {load[0]:.2f} when this run "
                 "started: other processes were using the CPU, so times (multi-threaded "
                 "ones especially) may be inflated.", ""]
+    untimed = not doc["cases"] and set(doc.get("scenarios") or {}) <= {"accuracy"}
     missing = {p: d.get("detail", "") for p, d in doc["peers"].items()
-               if d["status"] == "missing"}
+               if d["status"] == "missing" and not untimed}
     if missing:
         out.append("Missing peers (not installed, not failures): " + "; ".join(
             f"{label(p)}: {why.splitlines()[0][:120]}" for p, why in missing.items()))
@@ -180,6 +181,9 @@ def markdown(doc) -> str:
         if sc is not None:
             out += [f"## {title}", "", f"error: {sc['error']}", ""] if "error" in sc \
                 else section(sc)
+    if untimed:
+        out += [f"Elapsed: {doc.get('elapsed_s', 0):.1f} s.", ""]
+        return "\n".join(out)
     if gpu:
         out.append(f"Elapsed: {doc.get('elapsed_s', 0):.1f} s. Median of "
                    f"{doc['config']['repeats']} interleaved bursts per peer after warm-up.")
@@ -393,17 +397,95 @@ def _lbfgs_md(sc):
     return out
 
 
+def _pm(mean, std, digits=4):
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
+
+
+def _pct(x, std=None):
+    if x is None:
+        return "–"
+    return f"{100 * x:+.2f}%" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _accuracy_md(sc):
+    title = "## Accuracy: AdamW variants training real models (final loss vs float32 AdamW)"
+    if "skipped" in sc:
+        return [title, "", sc["skipped"], ""]
+    seeds = sc["seeds"]
+    out = [title, "", f"**What ran:** {sc['steps']:,} steps per run, {len(seeds)} seed(s) "
+           f"({', '.join(map(str, seeds))}), every model × variant × seed from the same "
+           f"initialisation and batches per seed; one thread per run, {sc['jobs']} run(s) "
+           f"at a time; {sc['elapsed_s']:.0f} s in all. Machine: the line at the top. "
+           + ", ".join(f"{k} {v}" for k, v in sc.get("versions", {}).items() if v) + ".", ""]
+    for name, m in sc["models"].items():
+        d = m["data"]
+        data = (f"{d['files']} files, {d['bytes']:,} bytes of Python {d['python']}'s "
+                f"standard library (sha256 {d['sha256']}), last 10% held out"
+                if "files" in d else f"{d['source']}: {d['train']} training, "
+                f"{d['held_out']} held-out images ({d['split']})")
+        shape = ", ".join(f"{k} {v}" for k, v in m["shape"].items())
+        hp = m["hyperparameters"]
+        out.append(f"- **{name}**: {m['label']}; {m['parameters']:,} parameters in "
+                   f"{m['tensors']} tensors ({100 * m['share_in_tensors_ge_4096']:.0f}% in "
+                   f"tensors of ≥ 4,096 elements, which get 8-bit state); {shape}; lr "
+                   f"{hp['lr']:g}, weight decay {hp['weight_decay']:g}, {m['schedule']}. "
+                   f"Data: {data}.")
+    out.append("")
+    rows = []
+    for r in sc["summary"]:
+        crit = f"≤ {100 * r['criterion']:g}%" if r.get("criterion") is not None else "–"
+        if r["status"] != "ok":
+            why = " ".join(str(r.get("detail", "")).split())[:160]
+            rows.append([r["model"], f"`{r['variant']}`", "–", "–", "–", "–", "–", "–", crit,
+                         f"{r['status']}: {why}", "–"])
+            continue
+        verdict = ("reference" if r["variant"] == sc["reference"] else
+                   "–" if "pass" not in r else "pass" if r["pass"] else "**fail**")
+        acc = r.get("heldout_accuracy_mean")
+        rows.append([r["model"], f"`{r['variant']}`", _pm(r["train_mean"], r["train_std"]),
+                     _pct(r.get("rel_diff_train")),
+                     _pct(r.get("paired_rel_diff_train_mean"),
+                          r.get("paired_rel_diff_train_std"))
+                     if "paired_rel_diff_train_mean" in r else "–",
+                     _pm(r["heldout_mean"], r["heldout_std"]), _pct(r.get("rel_diff_heldout")),
+                     f"{100 * acc:.1f}%" if acc is not None else "–", crit, verdict,
+                     f"{r['seconds_per_run']:.1f} s"])
+    out.append(_table(["model", "variant", "final train loss (mean ± std)", "vs fp32",
+                       "per seed (mean ± std)", "held-out loss", "vs fp32",
+                       "held-out accuracy", "criterion", "result", "time per run"], rows))
+    out += ["", f"Final train loss: the mean training loss over the last "
+            f"{sc['final_window']} steps of a run; held-out loss and accuracy (next byte, "
+            "digit class): the held-out set after the last step. Mean ± sample standard "
+            "deviation over the seeds. \"vs fp32\": the relative difference of the means to "
+            f"`{sc['reference']}`; \"per seed\": the same difference taken seed by seed "
+            "(same initialisation and batches), its mean ± std. The criterion applies to the "
+            "final train loss: |vs fp32| within it. `torch_adamw_fp32` shows how far two "
+            "float32 implementations drift apart; `bf16` (round to nearest) is reported "
+            "without a criterion. The bf16 variants keep parameters, gradients and state "
+            "in bfloat16 and compute the forward and backward passes in float32 from the "
+            "bf16 weights, so their difference is the optimizer's rounding. Time per run "
+            "includes the held-out evaluations.", ""]
+    for v, info in sc["variants"].items():
+        out.append(f"- `{v}`: {info['label']}")
+    out.append("")
+    return out
+
+
 SECTIONS = {"overhead": ("Per-call overhead", _overhead_md),
             "model": ("Multi-tensor model", _model_md),
             "threads": ("Thread scaling", _threads_md),
             "denormal": ("Subnormal state", _denormal_md),
             "lists": ("A list of arrays", _lists_md),
             "torch_model": ("torch model", _torch_model_md),
-            "lbfgs": ("L-BFGS: one iteration", _lbfgs_md)}
+            "lbfgs": ("L-BFGS: one iteration", _lbfgs_md),
+            "accuracy": ("Accuracy", _accuracy_md)}
 
 
 def _peer_md(title, what):
-    """A section for one of the issue-15 scenarios: per case, each peer's time per
+    """A section for one of the optimizer scenarios (schedule-free, Adafactor, sparse,
+    Muon): per case, each peer's time per
     step and its time over fastopt.torch's."""
     def section(sc):
         out = [f"## {title}", ""]
@@ -475,6 +557,8 @@ def plot(doc, path):
                 "(pip install matplotlib, or pip install 'fastopt[bench]')")
     cases = [c for c in doc["cases"] if "results" in c]
     torch_rows = doc.get("scenarios", {}).get("torch_model", {}).get("cases") or []
+    if not cases and doc.get("scenarios", {}).get("accuracy", {}).get("summary"):
+        return plot_accuracy(doc, path)
     if not cases and torch_rows:
         _plot_torch_model(plt, doc, torch_rows, path)
         return None
@@ -550,3 +634,81 @@ def _plot_torch_model(plt, doc, rows, path):
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+ACCURACY_COLORS = {"adamw_fp32": "k", "torch_adamw_fp32": "0.6", "adamw8bit": "C0",
+                   "bnb_adamw8bit": "C9", "bf16_sr": "C3", "bf16": "C1"}
+
+
+def _smooth(y, k=5):
+    """A centred moving average over k points (shorter at the ends), NaN-aware."""
+    y = np.asarray(y, float)
+    out = np.empty_like(y)
+    for i in range(len(y)):
+        w = y[max(0, i - k // 2): i + k // 2 + 1]
+        w = w[np.isfinite(w)]
+        out[i] = w.mean() if len(w) else np.nan
+    return out
+
+
+def plot_accuracy(doc, path):
+    """The accuracy scenario's loss curves: per model, the training loss (block means,
+    mean over seeds, smoothed) of every variant, and below it each variant's relative
+    difference to the reference with the 1% and 2% bands."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ("matplotlib is not installed: plot skipped "
+                "(pip install matplotlib, or pip install 'fastopt[bench]')")
+    sc = doc["scenarios"]["accuracy"]
+    models = list(sc["models"])
+    if not models:
+        return "no accuracy runs to plot"
+    fig, axes = plt.subplots(2, len(models), figsize=(max(8.0, 6.2 * len(models)), 7.2),
+                             squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2]})
+    for j, m in enumerate(models):
+        top, bottom = axes[0, j], axes[1, j]
+        curves = {}
+        for v in sc["variants"]:
+            rs = [r for r in sc["runs"] if r["model"] == m and r["variant"] == v
+                  and r["status"] == "ok"]
+            if not rs:
+                continue
+            every = rs[0]["curve_every"]
+            mean = np.nanmean(np.array([r["train_curve"] for r in rs]), axis=0)
+            x = (np.arange(len(mean)) + 0.5) * every
+            curves[v] = (x, _smooth(mean))
+            top.plot(x, curves[v][1], color=ACCURACY_COLORS.get(v), lw=1.1,
+                     label=f"{v} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+        if curves:   # the first tenth of the steps (the steep start) above the frame
+            lo = min(np.nanmin(y) for _, y in curves.values())
+            hi = max(y[len(y) // 10] for _, y in curves.values())
+            if np.isfinite(lo) and np.isfinite(hi) and hi > lo:
+                top.set_ylim(lo - 0.05 * (hi - lo), hi)
+        top.set_title(f"{m}: {sc['models'][m]['label']}", fontsize=9)
+        top.set_ylabel("training loss (mean over seeds, smoothed)")
+        top.grid(True, alpha=0.3)
+        top.legend(fontsize=7)
+        ref = curves.get(sc["reference"])
+        if ref is not None:
+            start = len(ref[0]) // 10
+            for v, (x, y) in curves.items():
+                if v != sc["reference"]:
+                    bottom.plot(x[start:], 100 * (y[start:] / ref[1][start:] - 1),
+                                color=ACCURACY_COLORS.get(v), lw=1.1, label=v)
+            bottom.axhspan(-2, 2, color="C3", alpha=0.07, lw=0)
+            bottom.axhspan(-1, 1, color="C0", alpha=0.1, lw=0)
+            bottom.axhline(0, color="k", lw=0.8)
+        bottom.set_xlabel("step")
+        bottom.set_ylabel(f"% vs {sc['reference']} (bands: ±1%, ±2%)")
+        bottom.grid(True, alpha=0.3)
+    fig.suptitle(f"fastopt bench accuracy: {sc['steps']:,} steps × {len(sc['seeds'])} "
+                 f"seed(s), one thread per run — {doc['machine']['cpu_model']}, "
+                 f"{doc['created'][:10]}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -13,10 +13,14 @@
 # contracted, so a call gives the same bits whatever the segmentation, the thread
 # count or the instruction set: a list step equals each array stepped alone.
 #
-# Element types are per slot (Seg.ptr is untyped); today every slot of a call has
-# the param's float32 or float64 type, and _run dispatches on that. A mixed
-# signature (bf16 params with float32 state, 8-bit state) is a new branch there
-# and a new chunk specialisation, not a new calling convention.
+# Element types are per slot (Seg.ptr is untyped). A call whose slots are all
+# float32, or all float64, runs the chunk straight over the buffers. Any other
+# signature (bf16 or f16 params, state or gradients; 8-bit block-wise state; a
+# parameter copy written out) runs STAGED: blocks of 256 elements, counted from each
+# segment's start, are widened into float32 on the stack, the same float32 chunk
+# runs over them, and the written slots are narrowed back (csrc/fastopt_lowp.h;
+# docs/rules.md "Storage types"). Parts are then cut at multiples of 256, so a block
+# (an 8-bit block's absmax) always belongs to one thread.
 #
 # Checks, before anything is written: every pointer's element count, type and
 # layout (by the caller: Bound for NumPy arrays, fastopt.torch for tensors), and
@@ -25,17 +29,58 @@
 
 cimport numpy as cnp
 from libc.stdlib cimport malloc, free, qsort
+from libc.string cimport memcpy
+from libc.stdint cimport uint8_t, uint16_t, uint32_t
+
+cdef extern from "fastopt_lowp.h" nogil:
+    uint32_t fo_mix32(uint32_t x)
+    void fo_load_bf16(const uint16_t* src, float* dst, Py_ssize_t n)
+    void fo_store_bf16(const float* src, uint16_t* dst, Py_ssize_t n)
+    void fo_store_bf16_sr(const float* src, uint16_t* dst, Py_ssize_t n, uint32_t ks,
+                          uint32_t i0)
+    void fo_load_f16(const void* src, float* dst, Py_ssize_t n)
+    void fo_store_f16(const float* src, void* dst, Py_ssize_t n)
+    void fo_load_q8(const uint8_t* codes, const float* qmap, float absmax, float* dst,
+                    Py_ssize_t n)
+    float fo_store_q8(const float* src, uint8_t* codes, const float* bounds,
+                      const uint8_t* table, Py_ssize_t n)
 
 cnp.import_array()
 
 DEF NSLOT = 5          # param, grad and three state buffers (rules.MAX_BUFFERS)
 DEF GRAD = 1           # the read-only slot
 DEF ALIGN = 16         # cut parts at multiples of 16 elements (64 bytes of float32)
+DEF BLK = 256          # the staged path's block: an 8-bit state's quantisation block
+DEF COPY = 2 * NSLOT   # the copy output's span id (NSLOT + slot: that slot's absmax)
+
+# storage types of a slot
+DEF TY_F32 = 0
+DEF TY_F64 = 1
+DEF TY_F16 = 2
+DEF TY_BF16 = 3
+DEF TY_Q8 = 4
+_TYPE_CODES = {"float32": TY_F32, "float64": TY_F64, "float16": TY_F16,
+               "bfloat16": TY_BF16, "q8": TY_Q8, "uint8": TY_Q8}
+_TYPE_NAMES = ("float32", "float64", "float16", "bfloat16", "q8")
+cdef Py_ssize_t _ITEMSIZE[5]
+_ITEMSIZE[:] = [4, 8, 2, 2, 1]
 
 
 ctypedef struct Seg:
     char* ptr[NSLOT]
+    float* absmax[NSLOT]   # per 256-block scales of a q8 slot, else NULL
+    char* copy             # the parameter copy written out, or NULL
     Py_ssize_t n
+
+
+ctypedef struct Stage:      # what a staged call knows besides the segments
+    int ty[NSLOT]          # storage type per slot (-1: absent)
+    int copy_ty
+    const float* qmap[NSLOT]
+    const float* bounds[NSLOT]
+    const uint8_t* table[NSLOT]
+    int sr                 # round a bf16 param stochastically
+    uint32_t sr_key
 
 
 ctypedef struct Span:   # the bytes of one buffer, for the overlap check
@@ -122,38 +167,188 @@ cdef void _run_typed(KernelId k, const Seg* segs, const Py_ssize_t* starts,
         fastopt_fpu_leave(flush, saved)
 
 
-# The element-type signatures the kernels are specialised for: every slot of a call
-# (param, grad, state) float32, or every slot float64. A new signature (bf16 params
-# with float32 state, 8-bit state) is a new entry here and a branch in _run.
+cdef void _stage_range(KernelId k, const Seg* seg, Py_ssize_t s, const double* c,
+                       const Stage* st, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    # elements [a, b) of segment s, a at a block start: per block, widen, run the
+    # float32 chunk, narrow the written slots back, write the copy
+    cdef float buf[NSLOT][BLK]
+    cdef float* f[NSLOT]
+    cdef Py_ssize_t n, q
+    cdef int slot, t
+    cdef char* ptr
+    cdef uint32_t ks = 0
+    if st.sr:
+        ks = fo_mix32(st.sr_key ^ fo_mix32(<uint32_t>s + 0x9E3779B9u))
+    while a < b:
+        n = b - a if b - a < BLK else BLK
+        q = a // BLK
+        for slot in range(NSLOT):
+            ptr = seg.ptr[slot]
+            t = st.ty[slot]
+            f[slot] = NULL
+            if ptr == NULL:
+                continue
+            if t == TY_F32:
+                f[slot] = (<float*>ptr) + a
+                continue
+            f[slot] = buf[slot]
+            if t == TY_BF16:
+                fo_load_bf16((<const uint16_t*>ptr) + a, buf[slot], n)
+            elif t == TY_F16:
+                fo_load_f16((<const uint16_t*>ptr) + a, buf[slot], n)
+            else:
+                fo_load_q8((<const uint8_t*>ptr) + a, st.qmap[slot], seg.absmax[slot][q],
+                           buf[slot], n)
+        _chunk(k, f[0], <const float*>f[1], f[2], f[3], f[4], c, 0, n)
+        for slot in range(NSLOT):
+            ptr = seg.ptr[slot]
+            t = st.ty[slot]
+            if slot == GRAD or ptr == NULL or t == TY_F32:
+                continue
+            if t == TY_BF16:
+                if slot == 0 and st.sr:
+                    fo_store_bf16_sr(buf[0], (<uint16_t*>ptr) + a, n, ks, <uint32_t>a)
+                else:
+                    fo_store_bf16(buf[slot], (<uint16_t*>ptr) + a, n)
+            elif t == TY_F16:
+                fo_store_f16(buf[slot], (<uint16_t*>ptr) + a, n)
+            else:
+                seg.absmax[slot][q] = fo_store_q8(buf[slot], (<uint8_t*>ptr) + a,
+                                                  st.bounds[slot], st.table[slot], n)
+        if seg.copy != NULL:
+            if st.ty[0] == TY_BF16:   # the copy is of the param as stored
+                fo_load_bf16((<const uint16_t*>seg.ptr[0]) + a, buf[0], n)
+            elif st.ty[0] == TY_F16:
+                fo_load_f16((<const uint16_t*>seg.ptr[0]) + a, buf[0], n)
+            if st.copy_ty == TY_BF16:
+                fo_store_bf16(f[0], (<uint16_t*>seg.copy) + a, n)
+            elif st.copy_ty == TY_F16:
+                fo_store_f16(f[0], (<uint16_t*>seg.copy) + a, n)
+            else:
+                memcpy((<float*>seg.copy) + a, f[0], n * sizeof(float))
+        a += n
+
+
+cdef void _run_part_staged(KernelId k, const Seg* segs, const Py_ssize_t* starts,
+                           Py_ssize_t nseg, const double* c, const Stage* st,
+                           Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t s, end
+    if lo >= hi:
+        return
+    s = _find(starts, nseg, lo)
+    while lo < hi and s < nseg:
+        end = starts[s + 1] if starts[s + 1] < hi else hi
+        if end > lo:
+            _stage_range(k, &segs[s], s, c, st, lo - starts[s], end - starts[s])
+            lo = end
+        s += 1
+
+
+cdef void _run_staged(KernelId k, const Seg* segs, const Py_ssize_t* starts,
+                      Py_ssize_t nseg, const double* c, int nthreads,
+                      const Stage* st) noexcept nogil:
+    cdef Py_ssize_t total = starts[nseg], per, nparts, part
+    cdef int flush = _flush_denormals
+    cdef unsigned int saved
+    if nthreads <= 1 or total < PARALLEL_MIN or not FASTOPT_HAVE_OPENMP:
+        saved = fastopt_fpu_enter(flush)
+        _run_part_staged(k, segs, starts, nseg, c, st, 0, total)
+        fastopt_fpu_leave(flush, saved)
+        return
+    per = ((total + nthreads - 1) // nthreads + BLK - 1) // BLK * BLK
+    nparts = (total + per - 1) // per
+    for part in prange(nparts, schedule="static", num_threads=nthreads):
+        saved = fastopt_fpu_enter(flush)
+        _run_part_staged(k, segs, starts, nseg, c, st,
+                         _cut(starts, nseg, part * per, BLK),
+                         _cut(starts, nseg, (part + 1) * per, BLK))
+        fastopt_fpu_leave(flush, saved)
+
+
+# How a call runs, from its slots' storage types: float32 throughout or float64
+# throughout straight over the buffers; any mix without float64 (or a copy out)
+# staged through float32.
 cdef enum Spec:
     SPEC_NONE = -1
     SPEC_F32 = 0
     SPEC_F64 = 1
+    SPEC_STAGED = 2
 
 
-cdef Spec _spec_of(const int* types, int nslot) noexcept nogil:
-    # types[slot]: the slot's NumPy type number, -1 for an absent slot
-    cdef int slot, first = -1
+cdef Spec _spec_of(const int* types, int nslot, bint copy) noexcept nogil:
+    # types[slot]: the slot's storage type, -1 for an absent slot
+    cdef int slot, n32 = 0, n64 = 0, n = 0
     for slot in range(nslot):
         if types[slot] < 0:
             continue
-        if first < 0:
-            first = types[slot]
-        elif types[slot] != first:
-            return SPEC_NONE
-    if first == cnp.NPY_FLOAT:
-        return SPEC_F32
-    if first == cnp.NPY_DOUBLE:
-        return SPEC_F64
-    return SPEC_NONE
+        n += 1
+        n32 += types[slot] == TY_F32
+        n64 += types[slot] == TY_F64
+    if n64:
+        return SPEC_F64 if n64 == n and not copy else SPEC_NONE
+    if types[0] == TY_Q8 or types[GRAD] == TY_Q8:
+        return SPEC_NONE
+    return SPEC_F32 if n32 == n and not copy else SPEC_STAGED
 
 
 cdef void _run(KernelId k, Spec spec, const Seg* segs, const Py_ssize_t* starts,
-               Py_ssize_t nseg, const double* c, int nthreads) noexcept nogil:
+               Py_ssize_t nseg, const double* c, int nthreads,
+               const Stage* st) noexcept nogil:
     if spec == SPEC_F32:
         _run_typed(k, segs, starts, nseg, c, nthreads, ALIGN, <float*>NULL)
     elif spec == SPEC_F64:
         _run_typed(k, segs, starts, nseg, c, nthreads, ALIGN, <double*>NULL)
+    elif spec == SPEC_STAGED:
+        _run_staged(k, segs, starts, nseg, c, nthreads, st)
+
+
+def _type_code(d):
+    """A storage type's code from a numpy dtype or its name ('q8' or uint8: 8-bit
+    block-wise codes; 'bfloat16': ml_dtypes' or torch's bf16), or -1."""
+    if type(d) is str:
+        return _TYPE_CODES.get(d, -1)
+    if isinstance(d, cnp.dtype) and (d.isnative or d.itemsize == 1):
+        return _TYPE_CODES.get(d.name, -1)
+    return -1
+
+
+_Q8_TABLES = {}
+
+
+def q8_tables(qmap):
+    """(bounds, table) of a sorted 256-entry float32 map, cached by its bytes:
+    bounds the 255 float32 midpoints plus +inf, table[u] the number of bounds below
+    every float32 whose upper 16 bits are u (0 for NaN patterns). Raises ValueError
+    when the map is not sorted or a bf16-wide bucket holds two bounds (the one
+    comparison after the table would not be exact)."""
+    import numpy as np
+    q = np.ascontiguousarray(qmap, dtype=np.float32)
+    key = q.tobytes()
+    hit = _Q8_TABLES.get(key)
+    if hit is not None:
+        return hit
+    if q.shape != (256,) or not np.all(np.abs(q) <= 1) or np.any(q[1:] < q[:255]):
+        raise ValueError("an 8-bit map must be 256 float32 values in [-1, 1], in "
+                         "ascending order")
+    bounds = np.empty(256, np.float32)
+    bounds[:255] = (q[:255] + q[1:]) / np.float32(2)
+    bounds[255] = np.inf
+    u = np.arange(65536, dtype=np.uint32)
+    lo = (u << 16).view(np.float32)
+    hi = ((u << 16) | 0xFFFF).view(np.float32)
+    neg = (u & 0x8000) != 0
+    vmin, vmax = np.where(neg, hi, lo), np.where(neg, lo, hi)
+    table = np.searchsorted(bounds[:255], vmin, side="left")
+    inside = np.searchsorted(bounds[:255], vmax, side="left") - table
+    special = (u & 0x7F80) == 0x7F80        # inf and NaN patterns
+    table[special] = 0
+    if np.any(inside[~special] > 1):
+        raise ValueError("this 8-bit map is too fine for the kernels' lookup "
+                         "(two midpoints within one bf16 step)")
+    hit = (bounds, table.astype(np.uint8))
+    if len(_Q8_TABLES) < 64:
+        _Q8_TABLES[key] = hit
+    return hit
 
 
 # --------------------------------------------------------------------------
@@ -213,8 +408,9 @@ cdef int _check_spans(Span* spans, Py_ssize_t m, names, bint single,
                      "every buffer that is written must be distinct (pass a copy)")
 
 
-cdef Py_ssize_t _collect(const Seg* segs, Py_ssize_t nseg, Py_ssize_t itemsize,
-                         bint with_grads, Span* out) noexcept nogil:
+cdef Py_ssize_t _collect(const Seg* segs, Py_ssize_t nseg, const Py_ssize_t* isz,
+                         Py_ssize_t copy_isz, bint with_grads, Span* out) noexcept nogil:
+    # isz[slot]: the slot's element size; absmax arrays and the copy are written too
     cdef Py_ssize_t s, m = 0
     cdef int slot
     for s in range(nseg):
@@ -224,11 +420,31 @@ cdef Py_ssize_t _collect(const Seg* segs, Py_ssize_t nseg, Py_ssize_t itemsize,
             if segs[s].ptr[slot] == NULL or (slot == GRAD and not with_grads):
                 continue
             out[m].lo = <uintptr_t>segs[s].ptr[slot]
-            out[m].hi = out[m].lo + <uintptr_t>(segs[s].n * itemsize)
+            out[m].hi = out[m].lo + <uintptr_t>(segs[s].n * isz[slot])
             out[m].seg = s
             out[m].slot = slot
             m += 1
+            if segs[s].absmax[slot] != NULL:
+                out[m].lo = <uintptr_t>segs[s].absmax[slot]
+                out[m].hi = out[m].lo + <uintptr_t>((segs[s].n + BLK - 1) // BLK * 4)
+                out[m].seg = s
+                out[m].slot = NSLOT + slot
+                m += 1
+        if segs[s].copy != NULL:
+            out[m].lo = <uintptr_t>segs[s].copy
+            out[m].hi = out[m].lo + <uintptr_t>(segs[s].n * copy_isz)
+            out[m].seg = s
+            out[m].slot = COPY
+            m += 1
     return m
+
+
+cdef list _span_names(names):
+    # a span's slot id -> its name: slots, then "absmax of" each slot, then the copy
+    out = list(names) + [""] * (NSLOT - len(names))
+    out += [f"absmax of {n}" for n in out[:NSLOT]]
+    out.append("copy")
+    return out
 
 
 cdef Py_ssize_t* _prefix(const Seg* segs, Py_ssize_t nseg) except NULL:
@@ -272,18 +488,51 @@ cdef inline bint _exact_float_array(object a, int typenum):
             and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a))
 
 
+cdef str _types_message(names, const int* ty, str copy=""):
+    return ("no kernel runs the storage types ("
+            + ", ".join(f"{names[k]} {_TYPE_NAMES[ty[k]]}" for k in range(len(names))
+                        if ty[k] >= 0) + copy + "): float64 only with float64 throughout, "
+            "8-bit codes only for state")
+
+
+cdef int _q8_stage(Stage* st, int slot, qmap, str name, list keep) except -1:
+    # the slot's map and its lookup tables into st; keep holds them alive
+    import numpy as np
+    if qmap is None:
+        raise ValueError(f"{name} holds 8-bit codes but no map (qmap) was given")
+    if not isinstance(qmap, np.ndarray) or qmap.dtype != np.float32 or qmap.shape != (256,) \
+            or not qmap.flags.c_contiguous:
+        raise TypeError(f"the map of {name} must be a C-contiguous float32 array of 256 "
+                        f"values, got {getattr(qmap, 'dtype', type(qmap).__name__)} "
+                        f"{getattr(qmap, 'shape', '')}")
+    bounds, table = q8_tables(qmap)
+    keep += [qmap, bounds, table]
+    st.qmap[slot] = <const float*>cnp.PyArray_DATA(<cnp.ndarray>qmap)
+    st.bounds[slot] = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bounds)
+    st.table[slot] = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>table)
+    return 0
+
+
 cdef class Bound:
-    """``Bound(kernel, params, buffers, single)``: ``params`` a list of C-contiguous
-    float32/float64 NumPy arrays of one dtype (any shapes), ``buffers`` one tuple per
-    param of its state arrays in the rule's slot order (``None`` where absent, alike
-    for every param). ``step(grads, args, nthreads)`` runs the kernel over all of
-    them in one call: ``grads`` one array (``single``) or a list/tuple of one per
-    param. Holds the arrays alive."""
+    """``Bound(kernel, params, buffers, single, labels, grad_dtype, absmax, qmaps)``:
+    ``params`` a list of C-contiguous NumPy arrays of one storage type (float32,
+    float64, float16 or bfloat16; any shapes), ``buffers`` one tuple per param of its
+    state arrays in the rule's slot order (``None`` where absent, alike for every
+    param; one type per slot, uint8 for 8-bit block-wise codes), ``grad_dtype`` the
+    gradients' dtype (default: the params'), ``absmax`` one tuple per param of the
+    float32 block scales of its 8-bit buffers, ``qmaps`` one 256-entry float32 map
+    per state slot. ``step(grads, args, nthreads, copies, sr_key)`` runs the kernel
+    over all of them in one call: ``grads`` one array (``single``) or a list/tuple of
+    one per param; ``copies`` arrays to write the new params into (float32, float16
+    or bfloat16); ``sr_key`` a 32-bit key that makes bf16 params round
+    stochastically. Holds the arrays alive."""
 
     cdef KernelId kid
-    cdef Spec spec
-    cdef int nplan, typenum
-    cdef Py_ssize_t itemsize, nseg, nwritten
+    cdef Spec spec, run_spec
+    cdef Stage st
+    cdef int nplan, grad_typenum
+    cdef Py_ssize_t isz[NSLOT]
+    cdef Py_ssize_t nseg, nwritten
     cdef Seg* segs
     cdef Py_ssize_t* starts
     cdef uintptr_t* wlo
@@ -291,7 +540,7 @@ cdef class Bound:
     cdef Py_ssize_t* wseg
     cdef int* wslot
     cdef bint single, ready
-    cdef object arrays, labels
+    cdef object arrays, labels, grad_dtype, span_names
     cdef readonly str kernel
     cdef readonly object names
 
@@ -310,12 +559,15 @@ cdef class Bound:
         free(self.wseg)
         free(self.wslot)
 
-    def __init__(self, str kernel, params, buffers, bint single=False, labels=None):
-        cdef Py_ssize_t s, m, nbuf
-        cdef int slot
+    def __init__(self, str kernel, params, buffers, bint single=False, labels=None,
+                 grad_dtype=None, absmax=None, qmaps=None):
+        import numpy as np
+        cdef Py_ssize_t s, m, nbuf, nblk
+        cdef int slot, t
         cdef cnp.ndarray a
         cdef Span* spans
         self.kid, self.nplan, self.names = _kernel_info(kernel)
+        self.span_names = _span_names(self.names)
         self.kernel, self.single, self.labels, self.ready = kernel, single, labels, False
         nbuf = len(self.names) - 2
         params, buffers = list(params), list(buffers)
@@ -324,20 +576,50 @@ cdef class Bound:
         self.nseg = len(params)
         if self.nseg == 0:
             raise ValueError("no params to bind")
+        if absmax is not None and len(absmax) != self.nseg:
+            raise ValueError(f"absmax has {len(absmax)} tuples, param has {self.nseg}")
         self.segs = <Seg*>malloc(self.nseg * sizeof(Seg))
         if self.segs == NULL:
             raise MemoryError()
+        memset_segs(self.segs, self.nseg)
+        pname = _slot_name(self.names, 0, 0, single, self.labels)
         first = params[0]
-        if not isinstance(first, cnp.ndarray) or first.dtype.kind != "f" or \
-                first.dtype.itemsize not in (4, 8):
-            raise TypeError(f"{_slot_name(self.names, 0, 0, single, self.labels)} must be a float32 or "
-                            f"float64 NumPy array, got {type(first).__name__}")
-        self.typenum = cnp.NPY_FLOAT if first.dtype.itemsize == 4 else cnp.NPY_DOUBLE
-        # every slot has the param's type (checked below): float32 or float64 throughout
-        self.spec = SPEC_F32 if self.typenum == cnp.NPY_FLOAT else SPEC_F64
-        self.itemsize = first.dtype.itemsize
-        present = None
+        t = _type_code(first.dtype) if isinstance(first, cnp.ndarray) else -1
+        if t < 0 or t == TY_Q8:
+            raise TypeError(f"{pname} must be a float32, float64, float16 or bfloat16 "
+                            f"NumPy array, got {getattr(first, 'dtype', type(first).__name__)}")
+        gd = first.dtype if grad_dtype is None else np.dtype(grad_dtype)
+        self.grad_dtype = gd
+        self.grad_typenum = gd.num
+        # each slot's type: the param's, the gradients', and each state buffer's in
+        # the first param's tuple (every param's must match)
+        first_bufs = tuple(buffers[0]) + (None,) * (nbuf - len(buffers[0]))
+        for slot in range(NSLOT):
+            self.st.ty[slot] = -1
+            self.st.qmap[slot] = self.st.bounds[slot] = NULL
+            self.st.table[slot] = NULL
+        self.st.ty[0] = t
+        self.st.ty[GRAD] = _type_code(gd)
+        if self.st.ty[GRAD] < 0 or self.st.ty[GRAD] == TY_Q8:
+            raise TypeError(f"grad_dtype must be float32, float64, float16 or bfloat16, got {gd}")
+        for slot in range(2, 2 + nbuf):
+            b = first_bufs[slot - 2] if slot - 2 < len(first_bufs) else None
+            if b is not None:
+                self.st.ty[slot] = _type_code(b.dtype) if isinstance(b, cnp.ndarray) else TY_F32
+        self.st.copy_ty = -1
+        self.st.sr = 0
+        self.st.sr_key = 0
+        self.spec = self.run_spec = _spec_of(self.st.ty, NSLOT, False)
+        if self.spec == SPEC_NONE:
+            raise TypeError(_types_message(self.names, self.st.ty))
+        for slot in range(NSLOT):
+            self.isz[slot] = _ITEMSIZE[self.st.ty[slot]] if self.st.ty[slot] >= 0 else 0
         arrays = []
+        for slot in range(2, NSLOT):
+            if self.st.ty[slot] == TY_Q8:
+                _q8_stage(&self.st, slot, None if qmaps is None else qmaps[slot - 2],
+                          self.names[slot], arrays)
+        present = None
         for s in range(self.nseg):
             bufs = tuple(buffers[s]) + (None,) * (nbuf - len(buffers[s]))
             if len(bufs) != nbuf:
@@ -348,22 +630,20 @@ cdef class Bound:
             elif pattern != present:
                 raise ValueError(f"param {s} has state buffers {pattern}, param 0 has "
                                  f"{present}; one call needs one set")
-            self.segs[s].ptr[GRAD] = NULL
             for slot in range(NSLOT):
                 if slot == GRAD:
                     continue
                 obj = params[s] if slot == 0 else (bufs[slot - 2] if slot - 2 < nbuf else None)
                 if obj is None:
-                    self.segs[s].ptr[slot] = NULL
                     continue
                 name = _slot_name(self.names, s, slot, single, self.labels)
                 if not isinstance(obj, cnp.ndarray):
                     raise TypeError(f"{name} must be a NumPy array, got {type(obj).__name__}")
                 a = <cnp.ndarray>obj
-                if cnp.PyArray_TYPE(a) != self.typenum or not cnp.PyArray_ISNOTSWAPPED(a):
+                if _type_code(obj.dtype) != self.st.ty[slot]:
                     raise TypeError(f"{name} has dtype {obj.dtype}, "
-                                    f"{_slot_name(self.names, 0, 0, single, self.labels)} has dtype "
-                                    f"{first.dtype}; they must match")
+                                    f"{_slot_name(self.names, 0, slot, single, self.labels)} has "
+                                    f"{_TYPE_NAMES[self.st.ty[slot]]}; they must match")
                 if not cnp.PyArray_IS_C_CONTIGUOUS(a):
                     raise ValueError(f"{name} must be C-contiguous")
                 if not cnp.PyArray_ISWRITEABLE(a):
@@ -377,15 +657,28 @@ cdef class Bound:
                                      f"{self.segs[s].n}")
                 self.segs[s].ptr[slot] = <char*>cnp.PyArray_DATA(a)
                 arrays.append(obj)
+                if self.st.ty[slot] == TY_Q8:
+                    nblk = (m + BLK - 1) // BLK
+                    sc = None if absmax is None else tuple(absmax[s])[slot - 2]
+                    if not (isinstance(sc, np.ndarray) and sc.dtype == np.float32
+                            and sc.flags.c_contiguous and sc.flags.writeable
+                            and sc.size == nblk):
+                        raise ValueError(f"{name} holds 8-bit codes: its absmax must be a "
+                                         f"writeable C-contiguous float32 array of {nblk} "
+                                         f"entries (one per 256 elements), got "
+                                         f"{getattr(sc, 'dtype', type(sc).__name__)} "
+                                         f"{getattr(sc, 'shape', '')}")
+                    self.segs[s].absmax[slot] = <float*>cnp.PyArray_DATA(<cnp.ndarray>sc)
+                    arrays.append(sc)
         self.arrays = arrays
         self.starts = _prefix(self.segs, self.nseg)
         # the written buffers' byte ranges, checked and kept sorted
-        spans = <Span*>malloc(self.nseg * NSLOT * sizeof(Span))
+        spans = <Span*>malloc(self.nseg * (2 * NSLOT + 1) * sizeof(Span))
         if spans == NULL:
             raise MemoryError()
         try:
-            m = _collect(self.segs, self.nseg, self.itemsize, False, spans)
-            _check_spans(spans, m, self.names, single, self.labels)
+            m = _collect(self.segs, self.nseg, self.isz, 0, False, spans)
+            _check_spans(spans, m, self.span_names, single, self.labels)
             self.nwritten = m
             self.wlo = <uintptr_t*>malloc((m + 1) * sizeof(uintptr_t))
             self.whi = <uintptr_t*>malloc((m + 1) * sizeof(uintptr_t))
@@ -410,15 +703,14 @@ cdef class Bound:
         cdef cnp.ndarray a
         cdef uintptr_t lo, hi
         cdef Py_ssize_t k, top, mid
-        if not _exact_float_array(g, self.typenum):
+        if not _exact_float_array(g, self.grad_typenum):
             name = _slot_name(self.names, s, GRAD, self.single, self.labels)
             if not isinstance(g, cnp.ndarray):
                 raise TypeError(f"{name} must be a NumPy array, got {type(g).__name__}")
-            if g.dtype.itemsize != self.itemsize or g.dtype.kind != "f" or \
-                    not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>g):
-                raise TypeError(f"{name} has dtype {g.dtype}, "
-                                f"{_slot_name(self.names, s, 0, self.single, self.labels)} has dtype "
-                                f"{'float32' if self.itemsize == 4 else 'float64'}")
+            if _type_code(g.dtype) != self.st.ty[GRAD]:
+                raise TypeError(f"{name} has dtype {g.dtype}, expected {self.grad_dtype} "
+                                f"({_slot_name(self.names, s, 0, self.single, self.labels)} "
+                                f"has {_TYPE_NAMES[self.st.ty[0]]})")
             if not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>g):
                 raise ValueError(f"{name} must be C-contiguous, got strides {g.strides}")
             a = <cnp.ndarray>g   # a subclass of ndarray (np.memmap, say): fine
@@ -433,7 +725,7 @@ cdef class Bound:
         if self.segs[s].n == 0 or self.nwritten == 0:
             return 0
         lo = <uintptr_t>self.segs[s].ptr[GRAD]
-        hi = lo + <uintptr_t>(self.segs[s].n * self.itemsize)
+        hi = lo + <uintptr_t>(self.segs[s].n * self.isz[GRAD])
         # the last written range starting below hi is the only one that can overlap
         # (the written ranges are disjoint and sorted)
         k, top = 0, self.nwritten - 1
@@ -447,16 +739,73 @@ cdef class Bound:
                 top = mid - 1
         if self.whi[k] > lo:
             raise ValueError(f"{_slot_name(self.names, s, GRAD, self.single, self.labels)} shares memory "
-                             f"with {_slot_name(self.names, self.wseg[k], self.wslot[k], self.single, self.labels)}"
+                             f"with {_slot_name(self.span_names, self.wseg[k], self.wslot[k], self.single, self.labels)}"
                              "; every buffer that is written must be distinct (pass a copy)")
         return 0
 
-    def prepare(self, grads):
-        """Take and check the gradients' addresses (nothing is written); ``run``
-        then steps with them. ``step`` is both."""
-        self._prepare(grads)
+    cdef int _take_copies(self, copies) except -1:
+        # the copy outputs (or none): types, sizes, then every span of the call
+        # checked together; on any error no segment keeps a copy pointer
+        cdef Py_ssize_t s, m
+        cdef int t = -1
+        cdef Span* spans
+        for s in range(self.nseg):
+            self.segs[s].copy = NULL
+        self.run_spec = self.spec
+        self.st.copy_ty = -1
+        if copies is None:
+            return 0
+        items = [copies] if self.single else copies
+        if not self.single and type(copies) is not list and type(copies) is not tuple:
+            raise TypeError(f"copy_to must be a list of {self.nseg} arrays (one per "
+                            f"param), got {type(copies).__name__}")
+        if len(items) != self.nseg:
+            raise ValueError(f"copy_to has {len(items)} arrays, param has {self.nseg}")
+        try:
+            for s in range(self.nseg):
+                c = items[s]
+                name = "copy_to" if self.single else f"copy_to[{s if self.labels is None else self.labels[s]}]"
+                ct = _type_code(c.dtype) if isinstance(c, cnp.ndarray) else -1
+                if ct not in (TY_F32, TY_F16, TY_BF16):
+                    raise TypeError(f"{name} must be a float32, float16 or bfloat16 NumPy "
+                                    f"array, got {getattr(c, 'dtype', type(c).__name__)}")
+                if t >= 0 and ct != t:
+                    raise TypeError(f"{name} has dtype {c.dtype}; every copy must have "
+                                    f"the first one's {_TYPE_NAMES[t]}")
+                t = ct
+                if not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>c) or \
+                        not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>c):
+                    raise ValueError(f"{name} must be a writeable C-contiguous array")
+                if cnp.PyArray_SIZE(<cnp.ndarray>c) != self.segs[s].n:
+                    raise ValueError(f"{name} has {cnp.PyArray_SIZE(<cnp.ndarray>c)} "
+                                     f"elements, {_slot_name(self.names, s, 0, self.single, self.labels)} "
+                                     f"has {self.segs[s].n}")
+                self.segs[s].copy = <char*>cnp.PyArray_DATA(<cnp.ndarray>c)
+            if self.spec == SPEC_F64:
+                raise TypeError("copy_to needs float32, float16 or bfloat16 params, "
+                                "not float64")
+            spans = <Span*>malloc(self.nseg * (2 * NSLOT + 1) * sizeof(Span))
+            if spans == NULL:
+                raise MemoryError()
+            try:
+                m = _collect(self.segs, self.nseg, self.isz, _ITEMSIZE[t], True, spans)
+                _check_spans(spans, m, self.span_names, self.single, self.labels)
+            finally:
+                free(spans)
+        except BaseException:
+            for s in range(self.nseg):
+                self.segs[s].copy = NULL
+            raise
+        self.st.copy_ty = t
+        self.run_spec = SPEC_STAGED
+        return 0
 
-    cdef int _prepare(self, grads) except -1:
+    def prepare(self, grads, copies=None, sr_key=None):
+        """Take and check the gradients' addresses (and the copies'; nothing is
+        written); ``run`` then steps with them. ``step`` is both."""
+        self._prepare(grads, copies, sr_key)
+
+    cdef int _prepare(self, grads, copies, sr_key) except -1:
         cdef Py_ssize_t s
         self.ready = False
         if self.single:
@@ -469,6 +818,10 @@ cdef class Bound:
                 raise ValueError(f"grad has {len(grads)} arrays, param has {self.nseg}")
             for s in range(self.nseg):
                 self._take_grad(grads[s], s)
+        if copies is not None or self.st.copy_ty >= 0:
+            self._take_copies(copies)
+        self.st.sr = sr_key is not None and self.st.ty[0] == TY_BF16
+        self.st.sr_key = <uint32_t>(int(sr_key) & 0xFFFFFFFF) if sr_key is not None else 0
         self.ready = True
         return 0
 
@@ -479,15 +832,28 @@ cdef class Bound:
         _load_plan(c, args, self.nplan, self.kernel)
         self.ready = False
         with nogil:
-            _run(self.kid, self.spec, self.segs, self.starts, self.nseg, c, nthreads)
+            _run(self.kid, self.run_spec, self.segs, self.starts, self.nseg, c, nthreads,
+                 &self.st)
 
-    def step(self, grads, tuple args, int nthreads):
+    def step(self, grads, tuple args, int nthreads, copies=None, sr_key=None):
         cdef double c[32]
         _load_plan(c, args, self.nplan, self.kernel)
-        self._prepare(grads)
+        self._prepare(grads, copies, sr_key)
         self.ready = False
         with nogil:
-            _run(self.kid, self.spec, self.segs, self.starts, self.nseg, c, nthreads)
+            _run(self.kid, self.run_spec, self.segs, self.starts, self.nseg, c, nthreads,
+                 &self.st)
+
+
+cdef void memset_segs(Seg* segs, Py_ssize_t nseg) noexcept nogil:
+    cdef Py_ssize_t s
+    cdef int slot
+    for s in range(nseg):
+        segs[s].n = 0
+        segs[s].copy = NULL
+        for slot in range(NSLOT):
+            segs[s].ptr[slot] = NULL
+            segs[s].absmax[slot] = NULL
 
 
 # --------------------------------------------------------------------------
@@ -496,17 +862,36 @@ cdef class Bound:
 # (nseg,) intp; a column of zeros is an absent buffer.
 # --------------------------------------------------------------------------
 
+cdef int _check_table(object a, int typenum, int ndim, str what) except -1:
+    # the tables through NumPy's C API: a memoryview costs more than a small call
+    if not (type(a) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>a) == typenum
+            and cnp.PyArray_NDIM(<cnp.ndarray>a) == ndim
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)):
+        raise TypeError(f"{what} must be a C-contiguous {ndim}-D numpy."
+                        f"{'uintp' if typenum == cnp.NPY_UINTP else 'intp'} array")
+    return 0
+
+
 def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
-                 bint check=True):
-    """One call over addresses: ``dtype`` is every slot's element type, or a tuple
-    of one per column of ``ptrs`` (param, grad, state buffers)."""
+                 bint check=True, absmax=None, qmaps=None, copy=None, copy_dtype=None,
+                 sr_key=None):
+    """One call over addresses: ``dtype`` is every slot's storage type, or a tuple
+    of one per column of ``ptrs`` (param, grad, state buffers): a numpy dtype or
+    'float32', 'float64', 'float16', 'bfloat16', 'q8'. An 8-bit column needs its
+    block scales' addresses in ``absmax`` (uintp, the shape of ``ptrs``) and its map
+    in ``qmaps`` (one entry per column, None elsewhere). ``copy`` (uintp, one per
+    segment) receives the new params as ``copy_dtype``; ``sr_key`` (a 32-bit key)
+    rounds bf16 params stochastically."""
     cdef KernelId kid
     cdef int nplan, slot
     cdef Spec spec
-    cdef int types[NSLOT]
+    cdef Stage st
+    cdef Py_ssize_t isz[NSLOT]
     cdef double c[32]
-    cdef Py_ssize_t nseg, ncol, s, m, itemsize
+    cdef Py_ssize_t nseg, ncol, s, m, copy_isz = 0
     cdef const uintptr_t* P
+    cdef const uintptr_t* A = NULL
+    cdef const uintptr_t* C = NULL
     cdef const Py_ssize_t* L
     cdef Seg* segs
     cdef Py_ssize_t* starts = NULL
@@ -517,30 +902,33 @@ def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
     if len(per_slot) != len(names):
         raise ValueError(f"dtype has {len(per_slot)} entries; {kernel} has {len(names)} "
                          f"slots ({', '.join(names)})")
+    keep = []
     for slot in range(NSLOT):
-        types[slot] = -1
+        st.ty[slot] = -1
+        st.qmap[slot] = st.bounds[slot] = NULL
+        st.table[slot] = NULL
+        isz[slot] = 0
         if slot < len(names):
-            d = per_slot[slot]
-            if not isinstance(d, cnp.dtype) or not d.isnative:
-                raise TypeError(f"dtype of {names[slot]} must be a native numpy.dtype, "
-                                f"got {d!r}")
-            types[slot] = (<cnp.dtype>d).type_num
-    spec = _spec_of(types, NSLOT)
+            st.ty[slot] = _type_code(per_slot[slot])
+            if st.ty[slot] < 0:
+                raise TypeError(f"dtype of {names[slot]} must be a native float32, float64, "
+                                f"float16 or bfloat16 numpy.dtype (or 'q8'), got "
+                                f"{per_slot[slot]!r}")
+            isz[slot] = _ITEMSIZE[st.ty[slot]]
+    st.copy_ty = -1
+    if copy is not None:
+        st.copy_ty = _type_code(copy_dtype)
+        if st.copy_ty not in (TY_F32, TY_F16, TY_BF16):
+            raise TypeError(f"copy_dtype must be float32, float16 or bfloat16, got "
+                            f"{copy_dtype!r}")
+        copy_isz = _ITEMSIZE[st.copy_ty]
+    spec = _spec_of(st.ty, NSLOT, copy is not None)
     if spec == SPEC_NONE:
-        raise TypeError("no kernel is specialised for the element types "
-                        f"({', '.join(f'{n} {d}' for n, d in zip(names, per_slot))}); "
-                        "every slot must be float32, or every slot float64")
-    itemsize = 4 if spec == SPEC_F32 else 8
-    # the tables through NumPy's C API: a memoryview costs more than a small call
-    if not (type(ptrs) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>ptrs) == cnp.NPY_UINTP
-            and cnp.PyArray_NDIM(<cnp.ndarray>ptrs) == 2
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>ptrs)):
-        raise TypeError("ptrs must be a C-contiguous 2-D numpy.uintp array")
-    if not (type(lengths) is cnp.ndarray
-            and cnp.PyArray_TYPE(<cnp.ndarray>lengths) == cnp.NPY_INTP
-            and cnp.PyArray_NDIM(<cnp.ndarray>lengths) == 1
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>lengths)):
-        raise TypeError("lengths must be a C-contiguous 1-D numpy.intp array")
+        raise TypeError(_types_message(names, st.ty, ", a copy" if copy is not None else ""))
+    st.sr = sr_key is not None and st.ty[0] == TY_BF16
+    st.sr_key = <uint32_t>(int(sr_key) & 0xFFFFFFFF) if sr_key is not None else 0
+    _check_table(ptrs, cnp.NPY_UINTP, 2, "ptrs")
+    _check_table(lengths, cnp.NPY_INTP, 1, "lengths")
     nseg = cnp.PyArray_DIM(<cnp.ndarray>ptrs, 0)
     ncol = cnp.PyArray_DIM(<cnp.ndarray>ptrs, 1)
     P = <const uintptr_t*>cnp.PyArray_DATA(<cnp.ndarray>ptrs)
@@ -551,11 +939,29 @@ def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
     if cnp.PyArray_DIM(<cnp.ndarray>lengths, 0) != nseg:
         raise ValueError(f"lengths has {cnp.PyArray_DIM(<cnp.ndarray>lengths, 0)} entries, "
                          f"ptrs has {nseg} rows")
+    for slot in range(NSLOT):
+        if st.ty[slot] == TY_Q8:
+            _q8_stage(&st, slot, None if qmaps is None else qmaps[slot], names[slot], keep)
+            if absmax is None:
+                raise ValueError(f"{names[slot]} holds 8-bit codes but no absmax table was given")
+    if absmax is not None:
+        _check_table(absmax, cnp.NPY_UINTP, 2, "absmax")
+        if cnp.PyArray_DIM(<cnp.ndarray>absmax, 0) != nseg or \
+                cnp.PyArray_DIM(<cnp.ndarray>absmax, 1) != ncol:
+            raise ValueError(f"absmax must have the shape of ptrs ({nseg}, {ncol})")
+        A = <const uintptr_t*>cnp.PyArray_DATA(<cnp.ndarray>absmax)
+    if copy is not None:
+        _check_table(copy, cnp.NPY_UINTP, 1, "copy")
+        if cnp.PyArray_DIM(<cnp.ndarray>copy, 0) != nseg:
+            raise ValueError(f"copy has {cnp.PyArray_DIM(<cnp.ndarray>copy, 0)} entries, "
+                             f"ptrs has {nseg} rows")
+        C = <const uintptr_t*>cnp.PyArray_DATA(<cnp.ndarray>copy)
     if nseg == 0:
         return
     segs = <Seg*>malloc(nseg * sizeof(Seg))
     if segs == NULL:
         raise MemoryError()
+    memset_segs(segs, nseg)
     cdef Py_ssize_t lead = -1   # the first non-empty segment sets which buffers exist
     try:
         for s in range(nseg):
@@ -564,6 +970,10 @@ def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
             segs[s].n = L[s]
             if L[s] > 0 and lead < 0:
                 lead = s
+            if C != NULL and L[s] > 0:
+                if C[s] == 0:
+                    raise ValueError(f"copy[{s}] is a null pointer")
+                segs[s].copy = <char*>C[s]
             for slot in range(NSLOT):
                 segs[s].ptr[slot] = <char*>P[s * ncol + slot] if slot < ncol else NULL
                 if segs[s].n == 0 or slot >= ncol:
@@ -573,15 +983,19 @@ def run_segments(str kernel, dtype, ptrs, lengths, tuple args, int nthreads,
                 if (segs[s].ptr[slot] == NULL) != (P[lead * ncol + slot] == 0):
                     raise ValueError(f"{names[slot]} is present in some segments and "
                                      f"absent in others (segment {s})")
+                if st.ty[slot] == TY_Q8 and segs[s].ptr[slot] != NULL:
+                    if A[s * ncol + slot] == 0:
+                        raise ValueError(f"absmax of {names[slot]}[{s}] is a null pointer")
+                    segs[s].absmax[slot] = <float*>A[s * ncol + slot]
         starts = _prefix(segs, nseg)
         if check:
-            spans = <Span*>malloc(nseg * NSLOT * sizeof(Span))
+            spans = <Span*>malloc(nseg * (2 * NSLOT + 1) * sizeof(Span))
             if spans == NULL:
                 raise MemoryError()
-            m = _collect(segs, nseg, itemsize, True, spans)
-            _check_spans(spans, m, names, False)
+            m = _collect(segs, nseg, isz, copy_isz, True, spans)
+            _check_spans(spans, m, _span_names(names), False)
         with nogil:
-            _run(kid, spec, segs, starts, nseg, c, nthreads)
+            _run(kid, spec, segs, starts, nseg, c, nthreads, &st)
     finally:
         free(segs)
         free(starts)

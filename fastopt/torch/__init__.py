@@ -23,6 +23,8 @@ import inspect
 import torch
 
 from fastopt.rules import RULES, Rule
+from fastopt.torch.bnb8 import (Adagrad8bit, Adam8bit, AdamW8bit, Lion8bit, RMSprop8bit,
+                                SGD8bit)
 from fastopt.torch.lbfgs import LBFGS
 from fastopt.torch.optimizer import DISPATCH_FLAGS, Optimizer, _plain
 from fastopt.torch.schedulefree import AdamWScheduleFree, SGDScheduleFree
@@ -57,6 +59,8 @@ def _signature(rule: Rule):
         keyword += [P(name, P.KEYWORD_ONLY, default=d) for name, d in flags.items()]
     # hyperparameters torch's signature lacks (AdamW's decoupled_weight_decay)
     keyword += [P(name, P.KEYWORD_ONLY, default=d) for name, d in hypers.items()]
+    # bf16 parameters round stochastically (torchao's keyword)
+    keyword.append(P("bf16_stochastic_round", P.KEYWORD_ONLY, default=False))
     return inspect.Signature(head + positional + keyword)
 
 
@@ -72,6 +76,8 @@ def _make_class(rule: Rule):
         # torch validates the constructor's values; the registry's checks carry
         # torch's messages (and name the argument)
         rule.check_hypers({h.name: _plain(values[h.name]) for h in rule.hypers})
+        if values.get("bf16_stochastic_round") is False:
+            del values["bf16_stochastic_round"]  # off: defaults stay torch's
         Optimizer.__init__(self, params, values)
 
     __init__.__signature__ = signature
@@ -86,5 +92,7 @@ def _make_class(rule: Rule):
 
 OPTIMIZERS = {name: _make_class(rule) for name, rule in RULES.items()}
 globals().update(OPTIMIZERS)
-__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS, "AdamWScheduleFree", "SGDScheduleFree",
-           "SparseAdam", "Muon", "Adafactor"]
+EIGHT_BIT = {c.__name__: c for c in (Adam8bit, AdamW8bit, Lion8bit, SGD8bit, RMSprop8bit,
+                                    Adagrad8bit)}
+__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS, *EIGHT_BIT, "AdamWScheduleFree",
+           "SGDScheduleFree", "SparseAdam", "Muon", "Adafactor"]

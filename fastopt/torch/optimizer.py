@@ -33,10 +33,30 @@ from fastopt import backends
 from fastopt.rules import RULES, Rule, StoredScalars
 
 
-def run_segments(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True):
+def run_segments(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True,
+                 sr_key=None):
     """One kernel call over the segments of ``ptrs``/``lengths`` on ``backend``'s
     segment engine (the tests wrap this to see every table)."""
-    return backend.run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check)
+    if sr_key is None:
+        return backend.run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check)
+    return backend.run_segments(kernel, dtype, ptrs, lengths, args, nthreads, check,
+                                sr_key=sr_key)
+
+
+def _mix32(x: int) -> int:
+    """The stochastic-rounding key hash (the kernels' fo_mix32)."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def sr_key(seed: int, step: int) -> int:
+    """The per-call key of stochastic rounding: a function of the seed and the step
+    only, so a run is reproducible and independent of threads."""
+    return _mix32(seed ^ _mix32(step * 0x27D4EB2F))
 
 
 # torch.autograd.graph.increment_version without its isinstance wrapper (a list here)
@@ -53,9 +73,12 @@ _REFUSED = {"capturable": "CUDA graph capture needs per-step scalars on the devi
                           "fastopt computes them on the host",
             "differentiable": "fastopt's kernels update parameters outside autograd"}
 
-_FLOAT = (torch.float32, torch.float64)
+_FLOAT = (torch.float32, torch.float64)   # what scalar state tensors hold
+# what parameters may hold: bf16 and fp16 compute in float32 and store rounded
+_PARAM_FLOAT = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _NONE: dict = {}  # the scalar state of a rule without any
-_NP = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_NP = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+       torch.float16: np.dtype(np.float16), torch.bfloat16: "bfloat16"}
 
 # every state key some rule keeps: a loaded entry with one of another rule's keys
 # is another optimizer's state (keys no rule has belong to wrappers, and are kept)
@@ -79,10 +102,9 @@ class SparseGradientError(RuntimeError, TypeError):
 
 
 def check_param_dtype(p: torch.Tensor, where: str) -> None:
-    if p.dtype not in _FLOAT:
-        raise TypeError(f"{where} has dtype {p.dtype}; fastopt.torch updates float32 and "
-                        "float64 parameters (fp16/bf16 are not supported yet: keep fp32 "
-                        "master weights, e.g. with torch.autocast)")
+    if p.dtype not in _PARAM_FLOAT:
+        raise TypeError(f"{where} has dtype {p.dtype}; fastopt.torch updates float32, "
+                        "float64, bfloat16 and float16 parameters")
 
 
 def _check_param(p, where):
@@ -227,7 +249,7 @@ class _Run:
     """Parameters stepped by one kernel call; ``rows`` are the records whose rows
     the table holds, in order (not the empty ones)."""
 
-    __slots__ = ("recs", "rows", "labels", "backend", "np_dtype", "ptrs", "lengths", "checked", "params",
+    __slots__ = ("recs", "rows", "labels", "backend", "dtype", "np_dtype", "ptrs", "lengths", "checked", "params",
                  "step_slots", "scalar_slots", "gcol", "t", "scalars", "fresh", "cacheable",
                  "keep", "post")
 
@@ -317,12 +339,33 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)  # torch's checks and defaults; appends
         group = self.param_groups[-1]
         try:
+            self._check_rounding(group)
             self._check_flags(group)
             self._group_hypers(group)
             self._check_params(group["params"])
         except Exception:
             self.param_groups.pop()
             raise
+
+    @staticmethod
+    def _check_rounding(group):
+        """bf16_stochastic_round: a bool; when on, the group gets a seed (drawn from
+        torch's generator, kept in the state dict) that the rounding is keyed by."""
+        sr = group.get("bf16_stochastic_round", False)
+        if not isinstance(sr, bool):
+            raise TypeError(f"bf16_stochastic_round must be True or False, got {sr!r}")
+        if sr and "sr_seed" not in group:
+            group["sr_seed"] = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+        seed = group.get("sr_seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"sr_seed must be an int, got {seed!r}")
+
+    @staticmethod
+    def _sr_key(group, dtype, t):
+        """The stochastic-rounding key of a bf16 run at step t + 1, or None."""
+        if dtype is not torch.bfloat16 or not group.get("bf16_stochastic_round"):
+            return None
+        return sr_key(group["sr_seed"], int(t) + 1)
 
     def _check_flags(self, group):
         for flag, why in _REFUSED.items():
@@ -671,7 +714,7 @@ class Optimizer(torch.optim.Optimizer):
     def _check_buffer(p, v, where, casts=False):
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{where} must be a tensor, got {type(v).__name__}")
-        if v.dtype != p.dtype and not (casts and v.dtype in _FLOAT):
+        if v.dtype != p.dtype and not (casts and v.dtype in _PARAM_FLOAT):
             raise StateTypeError(f"{where} is {v.dtype}, the parameter {p.dtype}")
         if v.device != p.device:
             raise StateValueError(f"{where} is on {v.device}, the parameter on {p.device}")
@@ -703,7 +746,8 @@ class Optimizer(torch.optim.Optimizer):
                 run.t = t
                 # a table is checked once: again only when a gradient moved
                 run_segments(run.backend, self.rule.kernel, run.np_dtype, run.ptrs,
-                             run.lengths, args, nthreads, check=not run.checked)
+                             run.lengths, args, nthreads, check=not run.checked,
+                             sr_key=self._sr_key(gc.group, run.dtype, t))
                 run.checked = True
                 self._advance(run, new_scalars)
                 _increment_version(run.params)
@@ -720,7 +764,8 @@ class Optimizer(torch.optim.Optimizer):
             if len(run.lengths):
                 try:
                     run_segments(run.backend, self.rule.kernel, run.np_dtype, run.ptrs,
-                                 run.lengths, args, nthreads, check=True)
+                                 run.lengths, args, nthreads, check=True,
+                                 sr_key=self._sr_key(gc.group, run.dtype, run.t))
                 except ValueError as exc:  # the engine names segments: name params
                     labels = run.labels
                     msg = re.sub(r"(segment |\[)(\d+)",
@@ -825,7 +870,7 @@ class Optimizer(torch.optim.Optimizer):
         run = _Run()
         run.recs = members
         run.backend = backends.DEFAULT if device.type == "cpu" else backends.load("cuda")
-        run.np_dtype = _NP[dtype]
+        run.dtype, run.np_dtype = dtype, _NP[dtype]
         run.t, run.scalars, run.fresh = t, scalars, fresh
         run.params = [r.p for r in members]
         run.keep, run.post = [], []  # copies the kernel runs on; copies back
