@@ -122,3 +122,22 @@ def test_thread_count_does_not_change_bits():
             adafactor_step(p, g, st, hp, t, nthreads=nt)
         out.append((nt, p))
     assert np.array_equal(out[0][1], out[1][1])
+
+
+def test_numpy_fallback_matches_the_compiled_passes(monkeypatch):
+    """Without the compiled kernels (a Numba-only install) the passes run in NumPy."""
+    from fastopt import adafactor as A
+    hp = A.check_adafactor_hypers(0.05, -0.8, (None, 1e-3), 1.0, 0.1, True)
+    rng = np.random.default_rng(0)
+    p0, g = rng.standard_normal((3, 40, 33)), rng.standard_normal((3, 40, 33))
+    g[0, 3] = 0.0
+    outs = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(A, "_kernels", lambda: None)
+        p = p0.copy()
+        st = A.initial_state(p.shape, p.dtype)
+        for t in (1, 2, 3):
+            A.adafactor_step(p, g, st, hp, t, 1)
+        outs.append(p)
+    assert _rel(outs[1], outs[0]) <= 1e-12
