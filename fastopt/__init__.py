@@ -24,6 +24,10 @@ from fastopt.lbfgs import LBFGS
 from fastopt.optimizers import OPTIMIZERS, OPTIMIZERS_8BIT, Optimizer, Optimizer8bit
 from fastopt.optimizers import *  # noqa: F401,F403  (Adam, SGD, ... from the registry)
 from fastopt.rules import RULES
+from fastopt.schedulefree import AdamWScheduleFree, SGDScheduleFree
+from fastopt.sparse import SparseAdam
+from fastopt.muon import Muon
+from fastopt.adafactor import Adafactor
 
 __version__ = "0.1.0"
 
@@ -65,4 +69,5 @@ def backend() -> str:
 
 __all__ = ["Optimizer", "LBFGS", "FlatParams", "functional", "schedules", "save", "load",
            "RULES", "set_num_threads", "get_num_threads", "set_flush_denormals",
-           "get_flush_denormals", "backend", "Optimizer8bit", *OPTIMIZERS, *OPTIMIZERS_8BIT]
+           "get_flush_denormals", "backend", "Optimizer8bit", *OPTIMIZERS, *OPTIMIZERS_8BIT,
+           "AdamWScheduleFree", "SGDScheduleFree", "SparseAdam", "Muon", "Adafactor"]

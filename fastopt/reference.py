@@ -286,3 +286,39 @@ def signum(param, grad, state, scalars, hp, t):
     m *= beta
     m += (1.0 - beta) * g
     param -= hp["lr"] * sign(m)
+
+
+def _sf_state(hp):
+    st = {"z": 0.0}
+    if "betas" in hp:
+        st["exp_avg_sq"] = 0.0
+    return st
+
+
+@rule("ScheduleFreeAdamW", "ScheduleFreeSGD", state=_sf_state,
+      scalars=lambda hp: {"weight_sum": 0.0, "lr_max": -1.0})
+def schedulefree(param, grad, state, scalars, hp, t):
+    # the schedulefree package's train-mode step, y = param
+    warmup = hp["warmup_steps"]
+    lr = hp["lr"] * (t / warmup if t - 1 < warmup else 1.0)
+    scalars["lr_max"] = max(lr, scalars["lr_max"])
+    weight = float(t) ** hp["r"] * scalars["lr_max"] ** hp["weight_lr_power"]
+    scalars["weight_sum"] += weight
+    c = weight / scalars["weight_sum"] if scalars["weight_sum"] != 0 else 0.0
+    z = state["z"]
+    if t == 1:
+        z[...] = param
+    g = grad
+    if "betas" in hp:
+        beta1, beta2 = hp["betas"]
+        v = state["exp_avg_sq"]
+        v *= beta2
+        v += (1.0 - beta2) * g * g
+        g = g / (np.sqrt(v) * (1.0 / math.sqrt(1.0 - beta2 ** t)) + hp["eps"])
+    else:
+        beta1 = hp["momentum"]
+    if hp["weight_decay"] != 0:
+        g = g + hp["weight_decay"] * param
+    param += c * (z - param)
+    param += lr * (beta1 * (1.0 - c) - 1.0) * g
+    z -= lr * g

@@ -672,6 +672,107 @@ _add(Rule(
     plan_fields=("lr", "momentum", "one_minus_momentum", "decay", "maximize?")))
 
 
+# ---------------------------------------------------------------------------
+# Schedule-free AdamW and SGD (Defazio et al. 2024), the training-mode step of the
+# `schedulefree` package (1.4.1): θ is y, the point the gradient is taken at; z is
+# the SGD/Adam sequence; x (the average, the evaluation point) is not stored, it is
+# recovered from y and z (fastopt.schedulefree adds the train()/eval() protocol).
+# The averaging weight c = w_t/Σw, with w_t = t^r·lr_max^p, needs the running sum
+# of weights and the largest learning rate so far: scalar state.
+# ---------------------------------------------------------------------------
+
+def _sf_check_warmup(name, v, hp):
+    if not (0.0 <= v < math.inf):
+        _fail(f"Invalid warmup_steps value: {v}", name)
+
+
+def _sf_momentum(name, v, hp):
+    # the schedulefree package's message
+    if not 0.0 < v < 1.0:
+        _fail(f"Momentum must be between 0 and 1 exclusive: {v}", name)
+
+
+def _sf_scalars(s):
+    _in_range("weight_sum", s["weight_sum"], 0.0, math.inf)
+    _in_range("lr_max", s["lr_max"], -1.0, math.inf)
+
+
+def _sf_pow(base, exponent):
+    # base ≥ 0, any finite exponent: 0^−p is inf (Python raises ZeroDivisionError)
+    try:
+        return base ** exponent
+    except OverflowError:
+        return math.inf
+    except ZeroDivisionError:
+        return math.inf
+
+
+def schedulefree_weights(hp, t, weight_sum, lr_max):
+    """(lr_t, c_t, new weight_sum, new lr_max) for step t (1-based), as the
+    schedulefree package computes them: linear warmup over ``warmup_steps``,
+    lr_max the largest lr so far, w_t = t^r·lr_max^p, c_t = w_t/Σw (0 while Σw = 0)."""
+    warmup = hp["warmup_steps"]
+    lr = hp["lr"] * (t / warmup if t - 1 < warmup else 1.0)
+    lr_max = max(lr, lr_max)
+    if lr_max < 0:
+        raise ValueError(f"a negative learning rate ({lr}) has no averaging weight")
+    lr_weight = _sf_pow(lr_max, hp["weight_lr_power"])
+    # 0 when γ is 0, even where t^r overflows (inf·0 would make Σw NaN for good)
+    weight = _sf_pow(float(t), hp["r"]) * lr_weight if lr_weight != 0 else 0.0
+    weight_sum = weight_sum + weight
+    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+    return lr, ckp1, weight_sum, lr_max
+
+
+def _plan_schedulefree(hp, t, scalars, fresh):
+    lr, ckp1, weight_sum, lr_max = schedulefree_weights(
+        hp, t, scalars["weight_sum"], scalars["lr_max"])
+    if "betas" in hp:
+        beta1, beta2 = hp["betas"]
+        inv_bc2s = 1.0 / math.sqrt(1.0 - beta2 ** t)
+        adam = (beta2, 1.0 - beta2, inv_bc2s, hp["eps"])
+    else:
+        beta1 = hp["momentum"]
+        adam = (0.0, 0.0, 1.0, 0.0)
+    y_coef = lr * (beta1 * (1.0 - ckp1) - 1.0)
+    first = 1 if (t == 1 or fresh) else 0
+    return ((lr, ckp1, y_coef) + adam + (hp["weight_decay"], first),
+            {"weight_sum": weight_sum, "lr_max": lr_max})
+
+
+_SF_FIELDS = ("lr", "ckp1", "y_coef", "beta2", "one_minus_beta2",
+              "inv_bias_correction2_sqrt", "eps", "weight_decay", "first?")
+_SF_BUFFERS = (Buffer("z"), Buffer("exp_avg_sq", needed=lambda hp: "betas" in hp))
+_SF_SCALARS = (("weight_sum", lambda hp: 0.0), ("lr_max", lambda hp: -1.0))
+_SF_TAIL = lambda: (
+    WD(),
+    Hyper("warmup_steps", 0, check=_sf_check_warmup, doc="linear warmup steps",
+          probe=(0, 3)),
+    Hyper("r", 0.0, check=_finite("r"), doc="polynomial weighting power of the average"),
+    Hyper("weight_lr_power", 2.0, check=_finite("weight_lr_power"),
+          doc="weights of the average ∝ lr_max^weight_lr_power"))
+
+_add(Rule(
+    "ScheduleFreeAdamW", "schedulefree",
+    (LR(0.0025, 0.01), BETAS((0.9, 0.999)), EPS(1e-8)) + _SF_TAIL(),
+    _SF_BUFFERS, _plan_schedulefree, _bytes(3),
+    paper="Defazio et al. 2024, The Road Less Scheduled",
+    update="v ← β2v + (1−β2)g²; ĝ = g/(√v/√bc2 + ε) + λy; y ← lerp(y, z, c) + "
+           "γ(β1(1−c)−1)ĝ; z ← z − γĝ",
+    scalars=_SF_SCALARS, validate_scalars=_sf_scalars, in_torch=False,
+    step_in_state=True, plan_fields=_SF_FIELDS))
+
+_add(Rule(
+    "ScheduleFreeSGD", "schedulefree",
+    (LR(1.0, 0.01),
+     Hyper("momentum", 0.9, check=_sf_momentum, doc="momentum β, in (0, 1)")) + _SF_TAIL(),
+    _SF_BUFFERS, _plan_schedulefree, _bytes(2),
+    paper="Defazio et al. 2024, The Road Less Scheduled",
+    update="ĝ = g + λy; y ← lerp(y, z, c) + γ(β(1−c)−1)ĝ; z ← z − γĝ",
+    scalars=_SF_SCALARS, validate_scalars=_sf_scalars, in_torch=False,
+    plan_fields=_SF_FIELDS))
+
+
 # The kernels every backend implements, one per distinct Rule.kernel
 KERNELS: tuple[str, ...] = tuple(dict.fromkeys(rule.kernel for rule in RULES.values()))
 

@@ -73,7 +73,8 @@ def kernel_paths(rule_name):
     for h in rule.hypers:
         if h.kind == "flag" and not any(hp[h.name] for hp in out):
             out.append(fullest([hp for hp in everything if hp[h.name]]))
-    plain = {**rule.defaults, "maximize": True}
+    # (the schedule-free rows have no maximize, as the schedulefree package)
+    plain = {**rule.defaults, **({"maximize": True} if "maximize" in rule.defaults else {})}
     return out + ([plain] if plain not in out else [])
 
 

@@ -379,7 +379,8 @@ def test_bench_modules_import_only_downwards():
     import ast
     import pathlib
     layers = ["config", "machine", "timing", "roof", "peers", "lbfgs", "scenarios",
-              "torch_model", "lowp", "accuracy", "grid", "cuda", "report", "cli", "__init__"]
+              "torch_model", "lowp", "accuracy", "optimizers", "grid", "cuda", "report",
+              "cli", "__init__"]
     folder = pathlib.Path(P.__file__).parent
     assert {f.stem for f in folder.glob("*.py")} == set(layers)
     graph = {}
@@ -462,6 +463,26 @@ def test_numpy_peer_is_the_reference(rule):
         assert peer.scalars == ref_scalars and peer.state.keys() == ref_state.keys()
         for k in ref_state:
             np.testing.assert_array_equal(peer.state[k], ref_state[k])
+
+
+def test_optimizer_scenarios_run_small(monkeypatch):
+    """The schedule-free, Adafactor, sparse and Muon scenarios on tiny sizes: every
+    peer runs, and fastopt's speedups are reported."""
+    pytest.importorskip("torch")
+    pytest.importorskip("schedulefree")
+    from fastopt.bench import optimizers
+    monkeypatch.setattr(optimizers, "SIZES", (4096,))
+    monkeypatch.setattr(optimizers, "TABLE", (500, 8, 40, 10))
+    monkeypatch.setattr(optimizers, "MUON_D", 16)
+    cfg = config.Config(mode="quick", repeats=1, warmup=1, target_sample_s=1e-4)
+    for name, run in optimizers.SCENARIO_RUNS.items():
+        res = run(cfg, 1, {}, np.random.default_rng(0))
+        assert res["cases"], name
+        for case in res["cases"]:
+            assert all(r["status"] == "ok" for r in case["results"].values()), (name, case)
+            assert case["speedup"], name
+        text = "\n".join(report.SECTIONS[name][1](res))
+        assert "fastopt.torch" in text and "error" not in text, text
 
 
 # ---------------------------------------------------------------------------

@@ -403,6 +403,30 @@ def signum(p, g, m, _a1, _a2, k, _h0, _h1, _h2):
     return p, m, _a1, _a2
 
 
+@register_jitable
+def schedulefree_coefs(c, dt):
+    # lr, ckp1, ycoef, b2, omb2, inv_bc2s, eps, wd, first, use_wd
+    return (dt(c.lr), dt(c.ckp1), dt(c.y_coef), dt(c.beta2), dt(c.one_minus_beta2),
+            dt(c.inv_bias_correction2_sqrt), dt(c.eps), dt(c.weight_decay), c.first != 0,
+            c.weight_decay != 0)
+
+
+@register_jitable
+def schedulefree(p, g, z, v, _a2, k, _h0, h1, _h2):
+    lr, ckp1, ycoef, b2, omb2, inv_bc2s, eps, wd, first, use_wd = k
+    gi = g
+    if h1:
+        v = _mul(b2, v) + _mul(_mul(omb2, gi), gi)
+        gi = gi / (_mul(_sqrt(v), inv_bc2s) + eps)
+    if use_wd:
+        gi = gi + _mul(wd, p)
+    zi = p if first else z
+    p = p + _mul(ckp1, zi - p)
+    p = p + _mul(ycoef, gi)
+    z = zi - _mul(lr, gi)
+    return p, z, v, _a2
+
+
 # --------------------------------------------------------------------------
 # The tables, from the registry: kernel name -> (coefs, element, rule name for
 # messages, names of the slots), and one namedtuple class per kernel whose fields

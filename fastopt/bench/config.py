@@ -3,7 +3,7 @@ of peer labels. The bottom layer of ``fastopt.bench``: it imports no other part 
 
 The layers, each importing only those above it in this list:
 config -> machine -> timing -> roof -> peers -> lbfgs -> scenarios -> torch_model
--> lowp -> accuracy -> grid -> cuda -> report -> cli.
+-> lowp -> accuracy -> optimizers -> grid -> cuda -> report -> cli.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ FULL_SIZES = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000, 4_000_0
 QUICK_SIZES = (1_000, 100_000, 1_000_000, 16_000_000)
 QUICK_RULES = ("Adam", "SGD", "Adagrad")
 SCENARIOS = ("overhead", "model", "lists", "threads", "denormal", "torch_model", "lbfgs",
-             "lowp")
-# run only when named (--scenarios accuracy): minutes of training, not a timing
-OPT_IN_SCENARIOS = ("accuracy",)
+             "lowp", "schedulefree", "adafactor", "sparse")
+# run only when named (--scenarios accuracy): minutes of training, not a timing;
+# muon: torch.optim.Muon's bfloat16 Newton-Schulz takes ~10 s a layer on a CPU
+# without bf16 units
+OPT_IN_SCENARIOS = ("accuracy", "muon")
 
 # the rule's defaults (torch's) except where the default leaves work out: SGD is
 # benchmarked with momentum=0.9, the way it is used (plain SGD moves 12 bytes/element,

@@ -12,7 +12,7 @@ from dataclasses import asdict
 import numpy as np
 
 import fastopt
-from fastopt.bench import accuracy, lbfgs, lowp
+from fastopt.bench import accuracy, lbfgs, lowp, optimizers
 from fastopt.bench import roof as roof_mod
 from fastopt.bench import scenarios as S
 from fastopt.bench import torch_model
@@ -33,6 +33,8 @@ SCENARIO_COST = {"overhead": 40, "model": 400, "lists": 300, "threads": 600, "de
                  "torch_model": 500, "lbfgs": 600, "lowp": 800, "accuracy": 2000}
 # scenarios that time nothing: a run of these alone measures no roof
 UNTIMED_SCENARIOS = ("accuracy",)
+SCENARIO_RUNS.update(optimizers.SCENARIO_RUNS)   # schedulefree, adafactor, sparse, muon
+SCENARIO_COST.update(optimizers.SCENARIO_COST)
 
 
 def new_document(cfg: Config, argv, peers, machine, device="cpu") -> dict:

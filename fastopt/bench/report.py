@@ -485,6 +485,43 @@ SECTIONS = {"overhead": ("Per-call overhead", _overhead_md),
             "accuracy": ("Accuracy", _accuracy_md)}
 
 
+def _peer_md(title, what):
+    """A section for one of the optimizer scenarios (schedule-free, Adafactor, sparse,
+    Muon): per case, each peer's time per
+    step and its time over fastopt.torch's."""
+    def section(sc):
+        out = [f"## {title}", ""]
+        if sc.get("skipped"):
+            return out + [f"skipped: {sc['skipped']}", ""]
+        rows = []
+        for c in sc.get("cases", []):
+            peers = [p for p in c["results"] if p != "fastopt_torch"]
+            rows.append([c["rule"], what(c), _cell(c["results"], "fastopt_torch",
+                                                    base="fastopt_torch")]
+                        + [f"{label(p)}: {_cell(c['results'], p, base='fastopt_torch')}"
+                           for p in peers])
+        width = max((len(r) for r in rows), default=3)
+        out.append(_table(["rule", "case", "fastopt.torch"] +
+                          ["peer (time over fastopt.torch's)"] * (width - 3),
+                          [r + [""] * (width - len(r)) for r in rows]))
+        return out + [""]
+    return section
+
+
+SECTIONS.update({
+    "schedulefree": ("Schedule-free AdamW/SGD", _peer_md(
+        "Schedule-free AdamW/SGD vs the schedulefree package", lambda c: fmt_n(c["n"]))),
+    "adafactor": ("Adafactor", _peer_md(
+        "Adafactor vs torch.optim.Adafactor", lambda c: "×".join(map(str, c["shape"])))),
+    "sparse": ("Sparse embedding", _peer_md(
+        "Sparse gradients: embedding table", lambda c: f"{fmt_n(c['rows'])} × {c['width']}, "
+        f"{c['touched_fraction']:.2%} rows touched, {c['lookups']} lookups")),
+    "muon": ("Muon", _peer_md(
+        "Muon (float32 Newton–Schulz) vs torch.optim.Muon (bfloat16)",
+        lambda c: f"{c['layers']} layer(s) × 6 matrices, d={c['d']}, {fmt_n(c['n'])}")),
+})
+
+
 # ---------------------------------------------------------------------------
 # JSON and PNG
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ cdef enum KernelId:
     K_RPROP
     K_LION
     K_SIGNUM
+    K_SCHEDULEFREE
 
 
 # sgd: plan fields of SGD, SGDW
@@ -148,6 +149,19 @@ cdef struct SignumPlan:
     double maximize
 
 
+# schedulefree: plan fields of ScheduleFreeAdamW, ScheduleFreeSGD
+cdef struct SchedulefreePlan:
+    double lr
+    double ckp1
+    double y_coef
+    double beta2
+    double one_minus_beta2
+    double inv_bias_correction2_sqrt
+    double eps
+    double weight_decay
+    double first
+
+
 cdef inline void _chunk(KernelId kernel, floating* p, const floating* g,
                         floating* s0, floating* s1, floating* s2, const double* c,
                         Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -175,6 +189,8 @@ cdef inline void _chunk(KernelId kernel, floating* p, const floating* g,
         lion_chunk(p, g, s0, s1, s2, <const LionPlan*>c, lo, hi)
     elif kernel == K_SIGNUM:
         signum_chunk(p, g, s0, s1, s2, <const SignumPlan*>c, lo, hi)
+    elif kernel == K_SCHEDULEFREE:
+        schedulefree_chunk(p, g, s0, s1, s2, <const SchedulefreePlan*>c, lo, hi)
 
 
 # kernel name -> (id, number of plan fields, names of the buffer slots)
@@ -191,4 +207,5 @@ KERNEL_TABLE = {
     'rprop': (K_RPROP, 5, ('param', 'grad', 'prev', 'step_size')),
     'lion': (K_LION, 7, ('param', 'grad', 'exp_avg')),
     'signum': (K_SIGNUM, 5, ('param', 'grad', 'momentum_buffer')),
+    'schedulefree': (K_SCHEDULEFREE, 9, ('param', 'grad', 'z', 'exp_avg_sq')),
 }

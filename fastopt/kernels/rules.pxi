@@ -363,3 +363,52 @@ cdef void signum_chunk(floating* p, const floating* g, floating* m, floating* un
         mi = beta * m[i] + omb * gi
         m[i] = mi
         p[i] = p[i] - lr * _sign(mi)
+
+
+cdef inline void _schedulefree_loop(floating* y, const floating* g, floating* z,
+                                    floating* v, floating lr, floating ckp1,
+                                    floating ycoef, floating b2, floating omb2,
+                                    floating inv_bc2s, floating eps, floating wd,
+                                    bint first, bint use_wd, bint adam, Py_ssize_t lo,
+                                    Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating gi, yi, zi, vi
+    for i in range(lo, hi):
+        yi = y[i]
+        gi = g[i]
+        if adam:
+            vi = b2 * v[i] + omb2 * gi * gi
+            v[i] = vi
+            gi = gi / (_sqrt(vi) * inv_bc2s + eps)
+        if use_wd:
+            gi = gi + wd * yi
+        zi = yi if first else z[i]
+        yi = yi + ckp1 * (zi - yi)
+        y[i] = yi + ycoef * gi
+        z[i] = zi - lr * gi
+
+
+cdef void schedulefree_chunk(floating* y, const floating* g, floating* z, floating* v,
+                             floating* unused, const SchedulefreePlan* c, Py_ssize_t lo,
+                             Py_ssize_t hi) noexcept nogil:
+    # y is the parameter (the gradient's point); z starts as a copy of y (first)
+    cdef floating lr = <floating>c.lr, ckp1 = <floating>c.ckp1
+    cdef floating ycoef = <floating>c.y_coef, b2 = <floating>c.beta2
+    cdef floating omb2 = <floating>c.one_minus_beta2
+    cdef floating inv_bc2s = <floating>c.inv_bias_correction2_sqrt
+    cdef floating eps = <floating>c.eps, wd = <floating>c.weight_decay
+    cdef bint first = c.first != 0, use_wd = c.weight_decay != 0
+    # one loop per variant, the flags constant inside each: every variant vectorises
+    if v == NULL:
+        if first:
+            _schedulefree_loop(y, g, z, v, lr, ckp1, ycoef, b2, omb2, inv_bc2s, eps, wd,
+                               True, use_wd, False, lo, hi)
+        else:
+            _schedulefree_loop(y, g, z, v, lr, ckp1, ycoef, b2, omb2, inv_bc2s, eps, wd,
+                               False, use_wd, False, lo, hi)
+    elif first:
+        _schedulefree_loop(y, g, z, v, lr, ckp1, ycoef, b2, omb2, inv_bc2s, eps, wd,
+                           True, use_wd, True, lo, hi)
+    else:
+        _schedulefree_loop(y, g, z, v, lr, ckp1, ycoef, b2, omb2, inv_bc2s, eps, wd,
+                           False, use_wd, True, lo, hi)

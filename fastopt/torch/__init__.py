@@ -27,6 +27,10 @@ from fastopt.torch.bnb8 import (Adagrad8bit, Adam8bit, AdamW8bit, Lion8bit, RMSp
                                 SGD8bit)
 from fastopt.torch.lbfgs import LBFGS
 from fastopt.torch.optimizer import DISPATCH_FLAGS, Optimizer, _plain
+from fastopt.torch.schedulefree import AdamWScheduleFree, SGDScheduleFree
+from fastopt.torch.sparse import SparseAdam
+from fastopt.torch.muon import Muon
+from fastopt.torch.adafactor import Adafactor
 
 
 def _signature(rule: Rule):
@@ -90,4 +94,5 @@ OPTIMIZERS = {name: _make_class(rule) for name, rule in RULES.items()}
 globals().update(OPTIMIZERS)
 EIGHT_BIT = {c.__name__: c for c in (Adam8bit, AdamW8bit, Lion8bit, SGD8bit, RMSprop8bit,
                                     Adagrad8bit)}
-__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS, *EIGHT_BIT]
+__all__ = ["Optimizer", "LBFGS", *OPTIMIZERS, *EIGHT_BIT, "AdamWScheduleFree",
+           "SGDScheduleFree", "SparseAdam", "Muon", "Adafactor"]
