@@ -1,6 +1,6 @@
-"""Low-precision storage on the Numba backends (issue 14): the staged path of
+"""Low-precision storage on the Numba backends: the staged path of
 numba_cpu and numba_cuda (simulator) against a NumPy model of the spec
-(/work/notes/lowp-spec.md) whose float32 arithmetic is the compiled backend's
+(docs/rules.md "Storage types") whose float32 arithmetic is the compiled backend's
 plain float32 kernel; bitwise, on odd lengths, several segments, 1 and 2 threads."""
 
 import ml_dtypes

@@ -461,7 +461,7 @@ def plan_of(kernel, args):
 
 
 # --------------------------------------------------------------------------
-# Low-precision storage (issue 14, docs: /work/notes/lowp-spec.md): the element
+# Low-precision storage (docs/rules.md "Storage types"): the element
 # conversions of the staged path. Everything is integer bit manipulation over
 # the float32's bits, so the CPU loops, the CUDA kernels and the simulator (plain
 # Python on NumPy scalars) round alike; the rules' float32 math is unchanged.

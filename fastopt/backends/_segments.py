@@ -143,7 +143,7 @@ def table_of(ptrs, lengths, names, itemsize, check=True):
 
 
 # --------------------------------------------------------------------------
-# Low-precision storage (issue 14): the staged path's per-slot types and q8 inputs.
+# Low-precision storage: the staged path's per-slot types and q8 inputs.
 # Type codes as in _numba_math: 0 float32, 1 float64, 2 float16, 3 bfloat16, 4 q8.
 # --------------------------------------------------------------------------
 

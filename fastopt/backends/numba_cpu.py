@@ -377,7 +377,7 @@ globals().update({k: _entry(k) for k in KERNELS})
 
 
 # --------------------------------------------------------------------------
-# Low-precision storage (issue 14, the staged path): per segment, blocks of
+# Low-precision storage (the staged path): per segment, blocks of
 # M.BLK elements from the segment's start; each element's slots are loaded to
 # float32 (bf16, f16, q8 through its block's absmax), the rule's float32 element
 # function runs unchanged, and the written slots are stored back to their types;

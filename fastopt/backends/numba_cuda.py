@@ -893,7 +893,7 @@ globals().update({k: _entry(k) for k in KERNELS})
 
 
 # --------------------------------------------------------------------------
-# Low-precision storage (issue 14, the staged path; the CPU twin is in numba_cpu).
+# Low-precision storage (the staged path; the CPU twin is in numba_cpu).
 # One thread block per block of M.BLK elements of a segment (grid-stride over the
 # blocks of every segment, found by binary search in the prefix sums of the
 # segments' block counts): each thread loads its elements' slots to float32, runs
