@@ -891,9 +891,11 @@ def calls(monkeypatch):
     seen = []
     real = fot_optimizer.run_segments
 
-    def recording(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True):
+    def recording(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=True,
+                  **storage):
         seen.append((kernel, ptrs.copy(), lengths.copy(), check))
-        return real(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=check)
+        return real(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=check,
+                    **storage)
 
     monkeypatch.setattr(fot_optimizer, "run_segments", recording)
     return seen
