@@ -938,7 +938,8 @@ def test_sparse_rows_are_segments(name, calls):
     base = e_fo.weight.data_ptr()
     row = 3 * 8
     (k1, t1, l1, c1), (k2, t2, l2, c2) = calls
-    assert c1 and c2
+    # the overlap check of sparse rows runs on the whole tensors, before the call
+    assert not c1 and not c2
     assert list(l1) == [9, 3] and list(t1[:, 0]) == [base + 1 * row, base + 7 * row]
     assert list(l2) == [3, 3] and list(t2[:, 0]) == [base, base + 9 * row]
     if name == "Adagrad":
@@ -1055,3 +1056,19 @@ def test_a_checkpoint_without_newer_keys_loads_with_defaults():
     opt.load_state_dict(sd)
     assert opt.param_groups[0]["maximize"] is False
     train(model, opt, 1)
+
+
+def test_sparse_rows_refuse_state_that_aliases_the_parameter():
+    """The whole-tensor overlap check of a sparse step: Adagrad's 'sum' made the
+    parameter itself is a ValueError naming both, and nothing is written."""
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = fot.Adagrad(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    opt.state[emb.weight]["sum"] = emb.weight.data   # the same memory
+    before = emb.weight.detach().clone()
+    opt.zero_grad()
+    emb(torch.tensor([3])).sum().backward()
+    with pytest.raises(ValueError, match=r"shares memory with .*param group 0"):
+        opt.step()
+    assert torch.equal(emb.weight.detach(), before)

@@ -43,6 +43,23 @@ def run_segments(backend, kernel, dtype, ptrs, lengths, args, nthreads, check=Tr
                                 sr_key=sr_key)
 
 
+def _check_tensor_spans(spans):
+    """spans: (lo, hi, is_grad, name) byte ranges. No written range (param, state) may
+    overlap another range; gradients may overlap each other (the engine's rule)."""
+    reach_any = reach_written = 0
+    seen = []
+    for lo, hi, is_grad, name in sorted(spans, key=lambda x: x[0]):
+        if hi > lo and lo < (reach_written if is_grad else reach_any):
+            other = next(n for a, b, g, n in seen if a < hi and lo < b and not (g and is_grad))
+            raise ValueError(f"{name} shares memory with {other}; every buffer that is "
+                             "written must be distinct (pass a copy)")
+        if hi > lo:
+            seen.append((lo, hi, is_grad, name))
+            reach_any = max(reach_any, hi)
+            if not is_grad:
+                reach_written = max(reach_written, hi)
+
+
 def _mix32(x: int) -> int:
     """The stochastic-rounding key hash (the kernels' fo_mix32)."""
     x &= 0xFFFFFFFF
@@ -251,7 +268,7 @@ class _Run:
 
     __slots__ = ("recs", "rows", "labels", "backend", "dtype", "np_dtype", "ptrs", "lengths", "checked", "params",
                  "step_slots", "scalar_slots", "gcol", "t", "scalars", "fresh", "cacheable",
-                 "keep", "post")
+                 "keep", "post", "spans")
 
 
 class _Slots:
@@ -762,9 +779,17 @@ class Optimizer(torch.optim.Optimizer):
         for key, members, (args, new_scalars) in plans:
             run = self._build_run(key, members, gc.needed)
             if len(run.lengths):
+                if run.spans is not None:
+                    # sparse rows: the overlap check runs on whole tensors here, not on
+                    # each of thousands of row segments in the engine
+                    try:
+                        _check_tensor_spans(run.spans)
+                    except ValueError as exc:
+                        raise ValueError(f"{exc} (numbered as the parameters of param "
+                                         f"group {self._group_index(gc.group)})") from None
                 try:
                     run_segments(run.backend, self.rule.kernel, run.np_dtype, run.ptrs,
-                                 run.lengths, args, nthreads, check=True,
+                                 run.lengths, args, nthreads, check=run.spans is None,
                                  sr_key=self._sr_key(gc.group, run.dtype, run.t))
                 except ValueError as exc:  # the engine names segments: name params
                     labels = run.labels
@@ -877,6 +902,7 @@ class Optimizer(torch.optim.Optimizer):
         run.rows = []
         run.labels = []
         run.cacheable = True
+        run.spans = None   # whole-tensor byte ranges, kept when the run has sparse rows
         slot_names = ["step"] * rule.step_in_state + [n for n, _ in rule.scalars]
         by_name = {n: [] for n in slot_names}
         rows, lengths = [], []
@@ -902,6 +928,19 @@ class Optimizer(torch.optim.Optimizer):
             else None
         run.scalar_slots = [_Slots(by_name[n]) for n, _ in rule.scalars]
         width = 2 + len(rule.buffers)
+        if run.spans is not None:   # sparse blocks of rows (arrays) among dense rows
+            for row, n, rec in zip((r for r in rows if not isinstance(r, np.ndarray)),
+                                   (m for m in lengths if not isinstance(m, np.ndarray)),
+                                   run.rows):
+                names = rule.arg_names
+                run.spans.extend((a, a + n * itemsize, j == 1, f"{names[j]}[{rec.index}]")
+                                 for j, a in enumerate(row) if a)
+            run.ptrs = np.concatenate([r if isinstance(r, np.ndarray) else
+                                       np.array([r], dtype=np.uintp) for r in rows])
+            run.lengths = np.concatenate([m if isinstance(m, np.ndarray) else
+                                          np.array([m], dtype=np.intp) for m in lengths])
+            run.gcol = None   # never replayed
+            return run
         run.ptrs = (np.array(rows, dtype=np.uintp).reshape(-1, width) if rows
                     else np.zeros((0, width), dtype=np.uintp))
         run.lengths = np.array(lengths, dtype=np.intp)
@@ -1002,10 +1041,17 @@ class Optimizer(torch.optim.Optimizer):
                 cols.append(bufs[b.name].data_ptr() + linear[starts].astype(np.uint64) * row_bytes)
             else:
                 cols.append(np.zeros(len(starts), dtype=np.uint64))
-        table = np.stack(cols, axis=1).astype(np.uintp)
-        rows.extend(table.tolist())
+        rows.append(np.stack(cols, axis=1).astype(np.uintp))
         run.labels.extend([rec.index] * len(starts))
-        lengths.extend((counts * width).tolist())
+        lengths.append((counts * width).astype(np.intp))
+        if run.spans is None:
+            run.spans = []
+        names = self.rule.arg_names
+        tensors = [(work, 0), (values, 1)] + [(bufs[b.name], 2 + j)
+                                             for j, b in enumerate(self.rule.buffers)
+                                             if b.name in needed]
+        run.spans.extend((t.data_ptr(), t.data_ptr() + t.numel() * itemsize, slot == 1,
+                          f"{names[slot]}[{rec.index}]") for t, slot in tensors)
 
     # -- checkpoints in torch's format ---------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
