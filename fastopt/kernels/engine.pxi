@@ -34,6 +34,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
 cdef extern from "fastopt_lowp.h" nogil:
     uint32_t fo_mix32(uint32_t x)
+    void fo_prefetch(const void* p, Py_ssize_t nbytes, int write)
     void fo_load_bf16(const uint16_t* src, float* dst, Py_ssize_t n)
     void fo_store_bf16(const float* src, uint16_t* dst, Py_ssize_t n)
     void fo_store_bf16_sr(const float* src, uint16_t* dst, Py_ssize_t n, uint32_t ks,
@@ -51,6 +52,7 @@ DEF NSLOT = 5          # param, grad and three state buffers (rules.MAX_BUFFERS)
 DEF GRAD = 1           # the read-only slot
 DEF ALIGN = 16         # cut parts at multiples of 16 elements (64 bytes of float32)
 DEF BLK = 256          # the staged path's block: an 8-bit state's quantisation block
+DEF PREFETCH = 4       # the staged path asks for the block this many blocks ahead
 DEF COPY = 2 * NSLOT   # the copy output's span id (NSLOT + slot: that slot's absmax)
 
 # storage types of a slot
@@ -188,6 +190,9 @@ cdef void _stage_range(KernelId k, const Seg* seg, Py_ssize_t s, const double* c
             f[slot] = NULL
             if ptr == NULL:
                 continue
+            if a + PREFETCH * BLK < b:   # the block PREFETCH blocks ahead, this slot
+                fo_prefetch(ptr + (a + PREFETCH * BLK) * _ITEMSIZE[t],
+                            BLK * _ITEMSIZE[t], slot != GRAD)
             if t == TY_F32:
                 f[slot] = (<float*>ptr) + a
                 continue
