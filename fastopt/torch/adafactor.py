@@ -11,7 +11,8 @@ import torch
 
 from fastopt import backends
 from fastopt.adafactor import adafactor_step, check_adafactor_hypers
-from fastopt.torch.optimizer import SparseGradientError
+from fastopt.torch.optimizer import CheckedGroups, SparseGradientError, _scalar_dtype
+from fastopt.torch.optimizer import _plain as _value
 
 __all__ = ["Adafactor"]
 
@@ -19,21 +20,9 @@ _FLOAT = (torch.float32, torch.float64)
 _increment_version = torch._C._increment_version
 
 
-def _value(v):
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        return v.item()
-    if isinstance(v, list):
-        return tuple(v)
-    return v
 
 
-def _scalar_dtype():
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-class Adafactor(torch.optim.Optimizer):
+class Adafactor(CheckedGroups, torch.optim.Optimizer):
     """torch.optim.Adafactor on fastopt's factored passes."""
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
@@ -53,14 +42,6 @@ class Adafactor(torch.optim.Optimizer):
             if p.dtype not in _FLOAT or p.device.type != "cpu":
                 raise TypeError(f"fastopt.torch.Adafactor updates float32/float64 CPU "
                                 f"tensors, got {p.dtype} on {p.device}")
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        try:
-            self._check_params(self.param_groups[-1])
-        except Exception:
-            self.param_groups.pop()
-            raise
 
     @torch.no_grad()
     def step(self, closure=None):

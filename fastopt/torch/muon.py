@@ -22,7 +22,8 @@ import torch
 
 from fastopt import backends
 from fastopt.muon import NS_COEFFICIENTS, adjust_lr, check_muon_hypers
-from fastopt.torch.optimizer import SparseGradientError
+from fastopt.torch.optimizer import CheckedGroups, SparseGradientError
+from fastopt.torch.optimizer import _plain as _value
 
 __all__ = ["Muon", "zeropower_via_newtonschulz"]
 
@@ -47,17 +48,8 @@ def zeropower_via_newtonschulz(u, coefficients, steps, eps, dtype=torch.float32)
     return x.T if tall else x
 
 
-def _value(v):
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        return v.item()
-    if isinstance(v, list):
-        return tuple(v)
-    return v
 
-
-class Muon(torch.optim.Optimizer):
+class Muon(CheckedGroups, torch.optim.Optimizer):
     """torch.optim.Muon on fastopt: Newton–Schulz in ``ns_dtype`` (float32 by
     default), decay and update fused."""
 
@@ -88,14 +80,6 @@ class Muon(torch.optim.Optimizer):
             if p.dtype not in _NP or p.device.type != "cpu":
                 raise TypeError(f"fastopt.torch.Muon updates float32/float64 CPU tensors, "
                                 f"got {p.dtype} on {p.device}")
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        try:
-            self._check_params(self.param_groups[-1])
-        except Exception:
-            self.param_groups.pop()
-            raise
 
     @torch.no_grad()
     def step(self, closure=None):

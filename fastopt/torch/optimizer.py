@@ -134,6 +134,19 @@ def _check_param(p, where):
                          "and CUDA tensors")
 
 
+class CheckedGroups:
+    """``add_param_group`` that runs the class's ``_check_params(group)`` after torch's
+    own checks and drops the group again if it fails (torch appends it first)."""
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        try:
+            self._check_params(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+
 def _plain(value):
     """A tensor hyperparameter (torch allows lr=torch.tensor(...)) as a number."""
     if isinstance(value, torch.Tensor):

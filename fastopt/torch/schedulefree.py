@@ -20,22 +20,13 @@ import torch.optim.optimizer as _torch_optimizer
 from fastopt import backends
 from fastopt.rules import RULES
 from fastopt.schedulefree import ScheduleFreeModeError
+from fastopt.torch.optimizer import _plain as _value
 
 __all__ = ["AdamWScheduleFree", "SGDScheduleFree", "ScheduleFreeModeError"]
 
 _NP = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 _increment_version = torch._C._increment_version
 
-
-def _value(v):
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"a tensor hyperparameter must have one element, got shape "
-                             f"{tuple(v.shape)}")
-        return v.item()
-    if isinstance(v, (tuple, list)):
-        return tuple(_value(x) for x in v)
-    return v
 
 
 class _ScheduleFree(torch.optim.Optimizer):

@@ -17,21 +17,13 @@ import torch
 from fastopt import backends
 from fastopt.sparse import check_sparse_adam_hypers, row_segments, sparse_adam_plan
 from fastopt.torch.optimizer import SparseGradientError
+from fastopt.torch.optimizer import _plain as _value
 
 __all__ = ["SparseAdam"]
 
 _NP = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 _increment_version = torch._C._increment_version
 
-
-def _value(v):
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        return v.item()
-    if isinstance(v, (tuple, list)):
-        return tuple(_value(x) for x in v)
-    return v
 
 
 def _overlap(p, st) -> bool:
